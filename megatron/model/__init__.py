@@ -1,0 +1,26 @@
+"""The transformer language model, built from layers shared with the pipeline specs."""
+
+from megatron.model.activations import ACTIVATIONS, register_activation
+from megatron.model.embedding import EmbeddingLayer
+from megatron.model.gpt_model import FinalNorm, GPTModel, LMHead, count_parameters, lm_logits
+from megatron.model.init_methods import INIT_METHODS, build_init_method, register_init_method
+from megatron.model.norms import NORMS, build_norm, register_norm
+from megatron.model.transformer import TransformerLayer
+
+__all__ = [
+    "ACTIVATIONS",
+    "INIT_METHODS",
+    "NORMS",
+    "EmbeddingLayer",
+    "FinalNorm",
+    "GPTModel",
+    "LMHead",
+    "TransformerLayer",
+    "build_init_method",
+    "build_norm",
+    "count_parameters",
+    "lm_logits",
+    "register_activation",
+    "register_init_method",
+    "register_norm",
+]

@@ -1,0 +1,137 @@
+"""Megatron-style tensor-parallel layers.
+
+Every rank initialises the FULL weight with the init method (in fp32, on the CPU, from the
+same generator state) and keeps its own slice, so the values of a weight never depend on the
+tensor-parallel layout. Split parameters carry a ``partition_dim`` attribute (the dimension
+cut across tensor-parallel ranks); the checkpoint code gathers them along it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron.mpu.initialize import (
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+)
+from megatron.mpu.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    scatter_to_tensor_model_parallel_region,
+)
+
+InitMethod = Callable[[torch.Tensor], torch.Tensor]
+
+
+def divide(numerator: int, denominator: int, what: str) -> int:
+    if numerator % denominator != 0:
+        raise ValueError(
+            f"{what} ({numerator}) must be divisible by the tensor-parallel size ({denominator})"
+        )
+    return numerator // denominator
+
+
+def partitioned_parameter(
+    full_shape: tuple[int, ...],
+    partition_dim: int | None,
+    init_method: InitMethod,
+    params_dtype: torch.dtype,
+) -> nn.Parameter:
+    """This rank's slice (on ``partition_dim``; None: all) of a fully initialised tensor."""
+    full = torch.empty(full_shape, dtype=torch.float32, device="cpu")
+    init_method(full)
+    if partition_dim is None:
+        return nn.Parameter(full.to(params_dtype))
+    world = get_tensor_model_parallel_world_size()
+    divide(full_shape[partition_dim], world, f"dimension {partition_dim} of a {full_shape} weight")
+    part = full.chunk(world, dim=partition_dim)[get_tensor_model_parallel_rank()]
+    param = nn.Parameter(torch.empty(part.shape, dtype=params_dtype).copy_(part))
+    param.partition_dim = partition_dim
+    return param
+
+
+def _zero_bias(size: int, partition_dim: int | None, params_dtype: torch.dtype) -> nn.Parameter:
+    return partitioned_parameter((size,), partition_dim, nn.init.zeros_, params_dtype)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x A^T + b with A split along its output dimension across tensor-parallel ranks."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        *,
+        init_method: InitMethod,
+        bias: bool = True,
+        gather_output: bool = True,
+        params_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.gather_output = gather_output
+        self.weight = partitioned_parameter((output_size, input_size), 0, init_method, params_dtype)
+        self.bias = _zero_bias(output_size, 0, params_dtype) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(copy_to_tensor_model_parallel_region(x), self.weight, self.bias)
+        return gather_from_tensor_model_parallel_region(y) if self.gather_output else y
+
+
+class RowParallelLinear(nn.Module):
+    """y = x A^T + b with A split along its input dimension; partial products are summed."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        *,
+        init_method: InitMethod,
+        bias: bool = True,
+        input_is_parallel: bool = False,
+        params_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.input_is_parallel = input_is_parallel
+        self.weight = partitioned_parameter((output_size, input_size), 1, init_method, params_dtype)
+        # The bias is added once, after the reduction, so every rank holds all of it.
+        self.bias = _zero_bias(output_size, None, params_dtype) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = scatter_to_tensor_model_parallel_region(x)
+        y = reduce_from_tensor_model_parallel_region(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table split along the vocabulary across tensor-parallel ranks."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        *,
+        init_method: InitMethod,
+        params_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.weight = partitioned_parameter(
+            (num_embeddings, embedding_dim), 0, init_method, params_dtype
+        )
+        per_rank = self.weight.size(0)
+        self.vocab_start = get_tensor_model_parallel_rank() * per_rank
+        self.vocab_end = self.vocab_start + per_rank
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if get_tensor_model_parallel_world_size() == 1:
+            return F.embedding(input_ids, self.weight)
+        outside = (input_ids < self.vocab_start) | (input_ids >= self.vocab_end)
+        local_ids = (input_ids - self.vocab_start).masked_fill(outside, 0)
+        out = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tensor_model_parallel_region(out)

@@ -1,0 +1,33 @@
+"""How schema fields are declared: default, one-line doc and Strata's support level."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import Field, field
+from typing import Any
+
+
+class Support(enum.Enum):
+    """What Strata does with a NeoX key."""
+
+    YES = "implemented"
+    # A NeoX feature Strata does not implement yet: only NeoX's default value is accepted.
+    DEFAULT_ONLY = "not supported yet"
+    # A pure performance hint (kernel fusion and the like): any value is accepted and the
+    # results do not depend on it.
+    HINT = "performance hint"
+    # Computed by Strata from other keys; a config file may not set it (the launcher's JSON may).
+    DERIVED = "derived"
+
+
+def arg(default: Any, doc: str, support: Support = Support.YES) -> Any:
+    """A schema field with NeoX's `default`, a one-line `doc` and its `support` level."""
+    return field(default=default, metadata={"doc": doc, "support": support})
+
+
+def field_doc(f: Field[Any]) -> str:
+    return str(f.metadata.get("doc", ""))
+
+
+def field_support(f: Field[Any]) -> Support:
+    return f.metadata.get("support", Support.YES)

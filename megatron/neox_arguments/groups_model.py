@@ -1,0 +1,128 @@
+"""NeoX's model argument group: architecture, positions, norms, initialisation."""
+
+from dataclasses import dataclass
+from typing import Literal
+
+from megatron.neox_arguments.fields import Support, arg
+
+DEFAULT_ONLY, HINT = Support.DEFAULT_ONLY, Support.HINT
+
+INIT_METHODS = Literal[
+    "normal",
+    "scaled_normal",
+    "orthogonal",
+    "scaled_orthogonal",
+    "xavier_uniform",
+    "xavier_normal",
+    "wang_init",
+    "small_init",
+    "single_residual_scaled_normal",
+]
+
+
+@dataclass
+class NeoXArgsModel:
+    """Model arguments."""
+
+    precision: Literal["fp16", "fp32", "bf16", "bfloat16"] | None = arg(
+        None, "Numeric precision; derived from the fp16/bf16 dicts when unset (else fp32)."
+    )
+    num_layers: int | None = arg(None, "Number of transformer layers.")
+    hidden_size: int | None = arg(None, "Transformer hidden size.")
+    intermediate_size: int | None = arg(None, "MLP intermediate size; 4 * hidden_size when unset.")
+    mlp_multiple_of: int = arg(1, "Round the MLP intermediate size up to a multiple of this.")
+    expansion_factor: float | None = arg(
+        None,
+        "MLP intermediate size as a multiple of hidden_size (alternative to intermediate_size).",
+    )
+    num_attention_heads: int | None = arg(None, "Number of attention (query) heads.")
+    num_kv_heads: int | None = arg(
+        None,
+        "Number of key/value heads (grouped-query attention); equals num_attention_heads when unset.",
+    )
+    seq_length: int | None = arg(None, "Training sequence length in tokens.")
+    sliding_window_width: int | None = arg(None, "Sliding-window attention width.", DEFAULT_ONLY)
+    max_position_embeddings: int | None = arg(
+        None, "Largest position the model supports (size of learned position tables)."
+    )
+    norm: Literal["layernorm", "rmsnorm", "scalenorm", "te_rmsnorm", "te_layernorm"] = arg(
+        "layernorm", "Normalisation layer."
+    )
+    layernorm_fusion: bool = arg(False, "Use a fused LayerNorm kernel.", HINT)
+    rmsnorm_fusion: bool = arg(False, "Use a fused RMSNorm kernel.", HINT)
+    use_qk_layernorm: bool = arg(
+        False, "Normalise queries and keys before attention.", DEFAULT_ONLY
+    )
+    layernorm_epsilon: float = arg(1.0e-5, "LayerNorm epsilon.")
+    rms_norm_epsilon: float = arg(1.0e-8, "RMSNorm epsilon.")
+    scalenorm_epsilon: float = arg(1.0e-8, "ScaleNorm epsilon.")
+    pos_emb: Literal["learned", "rotary", "sinusoidal", "rpe", "alibi", "none"] = arg(
+        "learned", "Positional embedding type."
+    )
+    rpe_num_buckets: int = arg(32, "T5 relative position buckets (pos_emb rpe).")
+    rpe_max_distance: int = arg(128, "T5 relative position maximum distance (pos_emb rpe).")
+    opt_pos_emb_offset: int = arg(0, "Learned position offset (OPT uses 2).", DEFAULT_ONLY)
+    no_weight_tying: bool = arg(False, "Untie the input embedding and the output layer.")
+    attention_config: list | None = arg(
+        None, "Attention type per layer as [[types, repeat], ...]; all global when unset."
+    )
+    sparsity_config: dict | None = arg(None, "DeepSpeed sparse-attention settings.")
+    num_unique_layers: int | None = arg(None, "Share parameters across layers.", DEFAULT_ONLY)
+    param_sharing_style: str = arg("grouped", "Order of shared layers (with num_unique_layers).")
+    make_vocab_size_divisible_by: int = arg(128, "Pad the vocabulary to a multiple of this.")
+    activation: Literal[
+        "gelu",
+        "geglu",
+        "relu",
+        "softsign",
+        "swish",
+        "mish",
+        "silu",
+        "reglu",
+        "swiglu",
+        "bilinear",
+        "glu",
+    ] = arg("gelu", "MLP activation function.")
+    use_flashattn_swiglu: bool = arg(False, "Use flash-attn's fused SwiGLU kernel.", HINT)
+    scaled_upper_triang_masked_softmax_fusion: bool = arg(
+        False, "Fused causal-mask softmax kernel.", HINT
+    )
+    scaled_masked_softmax_fusion: bool = arg(False, "Fused general-mask softmax kernel.", HINT)
+    bias_gelu_fusion: bool = arg(False, "Fused bias + GeLU kernel.", HINT)
+    bias_dropout_fusion: bool = arg(False, "Fused bias + dropout kernel.", HINT)
+    rope_fusion: bool = arg(False, "Fused rotary-embedding kernel.", HINT)
+    fp16_lm_cross_entropy: bool = arg(False, "Compute the LM cross entropy in fp16.", DEFAULT_ONLY)
+    init_method_std: float = arg(0.02, "Standard deviation of the normal weight initialisation.")
+    apply_query_key_layer_scaling: bool = arg(False, "Scale Q*K^T by 1/layer_number.", DEFAULT_ONLY)
+    use_cpu_initialization: bool = arg(False, "Initialise parameters on the CPU.", HINT)
+    attention_softmax_in_fp32: bool = arg(False, "Compute the attention softmax in fp32.", HINT)
+    rotary_pct: float = arg(
+        1.0, "Fraction of each head's dimensions that rotary embeddings rotate."
+    )
+    rotary_emb_base: int = arg(10000, "Rotary embedding base (theta).")
+    rotary_save_freqs_buffer: bool = arg(
+        False, "Store the rotary inverse-frequency buffer in checkpoints.", HINT
+    )
+    init_method: INIT_METHODS = arg("normal", "Initialisation of all weights but residual outputs.")
+    output_layer_init_method: INIT_METHODS = arg(
+        "scaled_normal", "Initialisation of residual output projections."
+    )
+    gmlp_attn_dim: int = arg(64, "Attention width inside gMLP blocks (attention type gmlp).")
+    gpt_j_residual: bool = arg(False, "Parallel residual: x + attn(ln1(x)) + mlp(ln2(x)).")
+    gpt_j_tied: bool = arg(False, "With gpt_j_residual, share one norm for attention and MLP.")
+    use_bias_in_norms: bool = arg(True, "Norm layers have a bias.")
+    use_bias_in_attn_linear: bool = arg(True, "Attention projections have biases.")
+    use_bias_in_mlp: bool = arg(True, "MLP projections have biases.")
+    soft_prompt_tuning: dict | None = arg(None, "Soft prompt tuning settings.", DEFAULT_ONLY)
+    mamba_selective_scan_fusion: bool = arg(False, "Fused Mamba selective scan.", HINT)
+    mamba_causal_conv_fusion: bool = arg(False, "Fused Mamba causal conv1d.", HINT)
+    mamba_inner_func_fusion: bool = arg(False, "Fused Mamba inner function.", HINT)
+    mamba_selective_fp32_params: bool = arg(True, "Keep Mamba A and D in fp32 (Mamba layers).")
+    mamba_use_bias_in_conv: bool = arg(True, "Mamba conv1d bias (Mamba layers).")
+    mamba_use_bias_in_linears: bool = arg(False, "Mamba projection biases (Mamba layers).")
+    output_layer_parallelism: Literal["row", "column"] = arg(
+        "column", "Split the output layer over hidden (row) or vocab (column) under TP."
+    )
+    dim_att: int | None = arg(None, "RWKV attention width (RWKV layers).")
+    head_size: int | None = arg(None, "RWKV head size (RWKV layers).")
+    ffn_dim: int | None = arg(None, "RWKV feed-forward width (RWKV layers).")

@@ -1,0 +1,131 @@
+"""NeoX's training argument group: data, checkpoints, schedule lengths, regularisation."""
+
+from dataclasses import dataclass
+from typing import Literal
+
+from megatron.neox_arguments.fields import Support, arg
+
+DEFAULT_ONLY, HINT, DERIVED = Support.DEFAULT_ONLY, Support.HINT, Support.DERIVED
+
+
+@dataclass
+class NeoXArgsTraining:
+    """Training arguments."""
+
+    data_path: str | None = arg(
+        None, "Prefix of one dataset (.bin/.idx) split into train/valid/test."
+    )
+    use_shared_fs: bool = arg(True, "Data index files live on a filesystem shared by all nodes.")
+    label_data_paths: list | None = arg(None, "Label datasets matching data_path (older NeoX key).")
+    train_data_paths: list | None = arg(None, "Prefixes of the training datasets.")
+    train_label_data_paths: list | None = arg(None, "Prefixes of training label datasets.")
+    train_reward_data_paths: list | None = arg(None, "Prefixes of training reward datasets.")
+    test_data_paths: list | None = arg(None, "Prefixes of the test datasets.")
+    test_label_data_paths: list | None = arg(None, "Prefixes of test label datasets.")
+    test_reward_data_paths: list | None = arg(None, "Prefixes of test reward datasets.")
+    valid_data_paths: list | None = arg(None, "Prefixes of the validation datasets.")
+    valid_label_data_paths: list | None = arg(None, "Prefixes of validation label datasets.")
+    valid_reward_data_paths: list | None = arg(None, "Prefixes of validation reward datasets.")
+    pos_train_data_paths: list | None = arg(None, "Chosen (positive) training datasets for DPO.")
+    neg_train_data_paths: list | None = arg(None, "Rejected (negative) training datasets for DPO.")
+    pos_train_label_data_paths: list | None = arg(None, "Labels of the chosen training datasets.")
+    neg_train_label_data_paths: list | None = arg(None, "Labels of the rejected training datasets.")
+    pos_valid_data_paths: list | None = arg(None, "Chosen validation datasets for DPO.")
+    neg_valid_data_paths: list | None = arg(None, "Rejected validation datasets for DPO.")
+    pos_valid_label_data_paths: list | None = arg(None, "Labels of the chosen validation datasets.")
+    neg_valid_label_data_paths: list | None = arg(
+        None, "Labels of the rejected validation datasets."
+    )
+    pos_test_data_paths: list | None = arg(None, "Chosen test datasets for DPO.")
+    neg_test_data_paths: list | None = arg(None, "Rejected test datasets for DPO.")
+    pos_test_label_data_paths: list | None = arg(None, "Labels of the chosen test datasets.")
+    neg_test_label_data_paths: list | None = arg(None, "Labels of the rejected test datasets.")
+    train_data_weights: list | None = arg(None, "Sampling weight of each training dataset.")
+    valid_data_weights: list | None = arg(None, "Sampling weight of each validation dataset.")
+    test_data_weights: list | None = arg(None, "Sampling weight of each test dataset.")
+    weight_by_num_documents: bool = arg(False, "Weight datasets by document count (see alpha).")
+    weighted_sampler_alpha: float = arg(1.0, "Exponent for weight_by_num_documents.")
+    data_impl: Literal["infer", "mmap", "cached"] = arg("infer", "Indexed dataset implementation.")
+    pack_impl: Literal["packed", "pack_until_overflow", "unpacked"] = arg(
+        "packed", "How documents are packed into sequences.", DEFAULT_ONLY
+    )
+    dataset_impl: Literal["gpt2", "pairwise"] = arg("gpt2", "Dataset kind: LM or pairwise (DPO).")
+    train_impl: Literal["normal", "dpo", "rm", "kto"] = arg("normal", "Training objective.")
+    dpo_fp32: bool = arg(True, "Compute the DPO loss in fp32.")
+    dpo_reference_free: bool = arg(False, "Reference-free DPO.")
+    dpo_beta: float = arg(0.1, "DPO beta.")
+    kto_fp32: bool = arg(True, "Compute the KTO loss in fp32.")
+    kto_desirable_weight: float = arg(1.0, "KTO weight of desirable examples.")
+    kto_undesirable_weight: float = arg(1.0, "KTO weight of undesirable examples.")
+    z_loss: float = arg(0.0, "Z-loss coefficient (reward-model training).")
+    kto_beta: float = arg(0.1, "KTO beta.")
+    allow_chopped: bool = arg(True, "Allow samples longer than seq_length to be cut.")
+    mmap_warmup: bool = arg(False, "Read the memory-mapped files once at start.", HINT)
+    save: str | None = arg(None, "Directory to save checkpoints to.")
+    s3_path: str | None = arg(None, "S3 bucket to upload checkpoints to.", DEFAULT_ONLY)
+    s3_chunk_size: int = arg(104_857_600, "S3 upload chunk size in bytes (with s3_path).")
+    config_files: dict | None = arg(None, "Original config file texts by file name.", DERIVED)
+    load: str | None = arg(None, "Directory to load a checkpoint from.")
+    checkpoint_validation_with_forward_pass: bool = arg(
+        False, "Check a forward pass after loading a checkpoint.", DEFAULT_ONLY
+    )
+    checkpoint_scale: Literal["linear", "log"] = arg(
+        "linear", "Checkpoint spacing: every checkpoint_factor steps, or geometric."
+    )
+    checkpoint_factor: int | float | None = arg(
+        None, "Save every this many steps (linear) or at powers of it (log)."
+    )
+    extra_save_iters: list | None = arg(None, "Further iterations at which to save.")
+    no_save_optim: bool = arg(False, "Do not save the optimizer state.")
+    no_save_rng: bool = arg(False, "Do not save the RNG state.")
+    no_load_optim: bool = arg(False, "Do not load the optimizer state.")
+    no_load_rng: bool = arg(False, "Do not load the RNG state.")
+    finetune: bool = arg(False, "Load weights only and restart at iteration 0.")
+    train_iters: int | None = arg(None, "Number of training iterations (optimizer steps).")
+    train_epochs: int | None = arg(None, "Number of epochs (instead of train_iters).")
+    eval_iters: int = arg(100, "Iterations per evaluation run.")
+    keep_last_n_checkpoints: int | None = arg(None, "Delete all but the newest N checkpoints.")
+    eval_interval: int = arg(1000, "Iterations between evaluations.")
+    split: str = arg("969, 30, 1", "Train, validation, test proportions of data_path.")
+    num_workers: int = arg(2, "Data loader worker processes.")
+    exit_interval: int | None = arg(None, "Exit when the iteration is a multiple of this.")
+    attention_dropout: float = arg(0.0, "Dropout on attention probabilities.")
+    hidden_dropout: float = arg(0.0, "Dropout on hidden states.")
+    weight_decay: float = arg(0.1, "Weight decay coefficient.")
+    checkpoint_activations: bool = arg(False, "Recompute activations in the backward pass.")
+    checkpoint_num_layers: int = arg(1, "Layers per activation-checkpoint chunk.")
+    deepspeed_activation_checkpointing: bool = arg(
+        True, "Use DeepSpeed's activation checkpointing.", HINT
+    )
+    contiguous_checkpointing: bool = arg(False, "Contiguous activation-checkpoint memory.", HINT)
+    checkpoint_in_cpu: bool = arg(False, "Keep activation checkpoints in CPU memory.", HINT)
+    synchronize_each_layer: bool = arg(False, "Synchronise around each checkpointed layer.", HINT)
+    profile_backward: bool = arg(False, "Profile checkpointed layers' backward pass.", HINT)
+    partition_activations: bool = arg(
+        False, "Partition checkpointed activations across tensor-parallel ranks.", HINT
+    )
+    hysteresis: int = arg(
+        2, "Megatron fp16 loss-scale hysteresis (use the fp16 dict).", DEFAULT_ONLY
+    )
+    dynamic_loss_scale: bool | None = arg(None, "Whether fp16 loss scaling is dynamic.", DERIVED)
+    loss_scale: float | None = arg(
+        None, "Megatron static loss scale (use the fp16 dict).", DEFAULT_ONLY
+    )
+    loss_scale_window: float = arg(
+        1000.0, "Megatron loss-scale window (use the fp16 dict).", DEFAULT_ONLY
+    )
+    min_scale: float = arg(1.0, "Megatron minimum loss scale (use the fp16 dict).", DEFAULT_ONLY)
+    char_level_ppl: bool = arg(False, "Also report character-level perplexity.", DEFAULT_ONLY)
+    use_mup: bool = arg(False, "Use muP parameterisation.", DEFAULT_ONLY)
+    coord_check: bool = arg(False, "Run the muP coordinate check.", DEFAULT_ONLY)
+    save_base_shapes: bool = arg(False, "Save muP base shapes.", DEFAULT_ONLY)
+    base_shapes_file: str | None = arg(None, "muP base shapes file (with use_mup).")
+    mup_init_scale: float = arg(1.0, "muP initialisation scale (with use_mup).")
+    mup_attn_temp: float = arg(1.0, "muP attention temperature (with use_mup).")
+    mup_output_temp: float = arg(1.0, "muP output temperature (with use_mup).")
+    mup_embedding_mult: float = arg(1.0, "muP embedding multiplier (with use_mup).")
+    mup_rp_embedding_mult: float = arg(1.0, "muP relative-position multiplier (with use_mup).")
+    mup_width_scale: int = arg(2, "muP delta-model width scale (with use_mup).")
+    eod_mask_loss: bool = arg(False, "Exclude end-of-document tokens from the loss.")
+    reset_position_ids: bool = arg(False, "Restart position ids after each end-of-document token.")
+    reset_attention_mask: bool = arg(False, "Do not attend across end-of-document tokens.")

@@ -1,0 +1,13 @@
+"""Tokenizers by name: `build_tokenizer(tokenizer_type, vocab_file, merge_file)`."""
+
+# Importing the implementations registers them.
+from megatron.tokenizer import byte, gpt2, hf  # noqa: F401
+from megatron.tokenizer.base import Tokenizer
+from megatron.tokenizer.registry import (
+    TOKENIZERS,
+    build_tokenizer,
+    pad_vocab_size,
+    register_tokenizer,
+)
+
+__all__ = ["TOKENIZERS", "Tokenizer", "build_tokenizer", "pad_vocab_size", "register_tokenizer"]

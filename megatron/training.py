@@ -1,0 +1,258 @@
+"""The training loop: setup, train step, evaluation, logging and checkpoint cadence."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron import mpu
+from megatron.checkpointing import load_checkpoint, save_checkpoint
+from megatron.data.data_utils import build_train_valid_test_datasets, make_data_loader
+from megatron.initialize import device, initialize_megatron
+from megatron.learning_rates import build_lr_scheduler
+from megatron.logging import (
+    MetricsLogger,
+    Throughput,
+    console_line,
+    device_peak_flops,
+    flops_per_token,
+    print_rank_0,
+)
+from megatron.model import GPTModel
+from megatron.optimizers import build_optimizer
+from megatron.tokenizer import build_tokenizer
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved in every checkpoint so a resume continues exactly."""
+
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    consumed_valid_samples: int = 0
+
+
+def loss_from_batch(model, text: torch.Tensor, eod: int, eod_mask_loss: bool) -> torch.Tensor:
+    """Mean next-token loss over a [b, s + 1] batch of token ids."""
+    tokens, labels = text[:, :-1].contiguous(), text[:, 1:].contiguous()
+    logits = model(tokens)
+    losses = mpu.vocab_parallel_cross_entropy(logits.float(), labels)
+    if not eod_mask_loss:
+        return losses.mean()
+    # NeoX masks the loss where the *input* token is the end-of-document token.
+    mask = (tokens != eod).float()
+    return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def average_across_data_parallel(value: torch.Tensor) -> float:
+    if dist.is_initialized() and mpu.get_data_parallel_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value, group=mpu.get_data_parallel_group())
+        value /= mpu.get_data_parallel_world_size()
+    return value.item()
+
+
+def gradient_norm(parameters) -> float:
+    """L2 norm of all gradients (after DeepSpeed's data-parallel all-reduce, before clipping)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
+
+
+class Trainer:
+    def __init__(self, args):
+        self.args = args
+        initialize_megatron(args)
+        self.device = device()
+        self.tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file)
+        self.state = TrainState()
+        self.engine, self.optimizer, self.scheduler = self._setup_model_and_optimizer()
+        # DeepSpeed reports the gradient norm only for the optimizers it wraps (ZeRO, bf16).
+        self._norm_is_ours = self.engine.optimizer is self.engine.basic_optimizer
+        if args.load:
+            self._load()
+        self.global_batch = args.train_batch_size
+        self.dp_rank = mpu.get_data_parallel_rank()
+        self.dp_size = mpu.get_data_parallel_world_size()
+        self.train_ds, self.valid_ds, self.test_ds = self._build_datasets()
+        self.metrics = MetricsLogger(args)
+        self.peak_flops = device_peak_flops()
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def _setup_model_and_optimizer(self):
+        import deepspeed
+
+        args = self.args
+        model = GPTModel(args).to(self.device)
+        optimizer = build_optimizer(args, model)
+        scheduler = build_lr_scheduler(args, optimizer)
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            config=args.deepspeed_config,
+            dist_init_required=False,
+        )
+        return engine, engine.optimizer, scheduler
+
+    def _load(self) -> None:
+        args = self.args
+        load_optimizer = not (args.finetune or args.no_load_optim)
+        metadata = load_checkpoint(
+            args,
+            self.engine.module,
+            self.optimizer,
+            self.scheduler,
+            load_optimizer=load_optimizer,
+            load_rng=not (args.finetune or args.no_load_rng),
+        )
+        if not args.finetune:
+            self.state = TrainState(**metadata["train_state"])
+        print_rank_0(
+            f"loaded checkpoint {args.load} at iteration {metadata['iteration']}"
+            + (" (weights only: finetune)" if args.finetune else "")
+        )
+
+    def _build_datasets(self):
+        args = self.args
+        evals = args.train_iters // args.eval_interval + 1 if args.eval_interval else 0
+        num_samples = (
+            args.train_iters * self.global_batch,
+            evals * args.eval_iters * self.global_batch,
+            args.eval_iters * self.global_batch,
+        )
+        return build_train_valid_test_datasets(args, num_samples)
+
+    def _loader(self, dataset, consumed: int):
+        if dataset is None:
+            return None
+        return iter(
+            make_data_loader(
+                dataset,
+                consumed,
+                self.args.train_micro_batch_size_per_gpu,
+                self.dp_rank,
+                self.dp_size,
+                self.args.num_workers,
+            )
+        )
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def _loss(self, batch) -> torch.Tensor:
+        text = batch["text"].to(self.device)
+        return loss_from_batch(self.engine, text, self.tokenizer.eod, self.args.eod_mask_loss)
+
+    def train_step(self, train_iter) -> dict:
+        """One optimizer step over gradient_accumulation_steps micro-batches."""
+        lr = self.scheduler.step(self.state.iteration + 1)
+        losses, grad_norm = [], None
+        for _ in range(self.args.gradient_accumulation_steps):
+            loss = self._loss(next(train_iter))
+            self.engine.backward(loss)
+            if self.engine.is_gradient_accumulation_boundary() and self._norm_is_ours:
+                grad_norm = gradient_norm(self.engine.module.parameters())
+            self.engine.step()
+            losses.append(loss.detach())
+        if not self._norm_is_ours:
+            grad_norm = self.engine.get_global_grad_norm()
+        self.state.iteration += 1
+        self.state.consumed_train_samples += self.global_batch
+        metrics = {"lm_loss": average_across_data_parallel(torch.stack(losses).mean()), "lr": lr}
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, split: str, dataset, consumed_attr: str | None) -> float | None:
+        consumed = getattr(self.state, consumed_attr) if consumed_attr else 0
+        data_iter = self._loader(dataset, consumed)
+        if data_iter is None:
+            return None
+        self.engine.eval()
+        losses = []
+        for _ in range(self.args.eval_iters):
+            for _ in range(self.args.gradient_accumulation_steps):
+                losses.append(self._loss(next(data_iter)))
+        self.engine.train()
+        if consumed_attr:
+            setattr(self.state, consumed_attr, consumed + self.args.eval_iters * self.global_batch)
+        loss = average_across_data_parallel(torch.stack(losses).mean())
+        self._log({"iteration": self.state.iteration, "split": split, "lm_loss": loss})
+        return loss
+
+    # -- loop ----------------------------------------------------------------------------------
+
+    def _log(self, metrics: dict, eta: float | None = None) -> None:
+        metrics["consumed_tokens"] = self.state.consumed_train_samples * self.args.seq_length
+        self.metrics.log(metrics)
+        print_rank_0(console_line(metrics, self.args.train_iters, eta))
+
+    def _save(self) -> None:
+        save_checkpoint(
+            self.args,
+            self.state.iteration,
+            self.engine.module,
+            self.optimizer,
+            self.scheduler,
+            asdict(self.state),
+        )
+        print_rank_0(f"saved checkpoint {self.args.save}/global_step{self.state.iteration}")
+
+    def train(self) -> TrainState:
+        args = self.args
+        if self.state.iteration == 0 and args.eval_interval:
+            self.evaluate("valid", self.valid_ds, "consumed_valid_samples")
+        train_iter = self._loader(self.train_ds, self.state.consumed_train_samples)
+        if train_iter is None:
+            raise ValueError("no training data: set data_path or train_data_paths")
+        throughput, interval_losses = Throughput(), []
+        start_iteration, start_time = self.state.iteration, time.perf_counter()
+        tokens_per_step = self.global_batch * args.seq_length
+        saved_at = None
+        while self.state.iteration < args.train_iters:
+            metrics = self.train_step(train_iter)
+            throughput.add(tokens_per_step)
+            interval_losses.append(metrics["lm_loss"])
+            iteration = self.state.iteration
+            if iteration % args.log_interval == 0 or iteration == args.train_iters:
+                rate, _ = throughput.report()
+                metrics.update(
+                    iteration=iteration,
+                    split="train",
+                    lm_loss=sum(interval_losses) / len(interval_losses),
+                    tokens_per_sec=rate,
+                )
+                interval_losses = []
+                if self.peak_flops:
+                    world = dist.get_world_size() if dist.is_initialized() else 1
+                    metrics["mfu"] = rate * flops_per_token(args) / (self.peak_flops * world)
+                done = iteration - start_iteration
+                elapsed = time.perf_counter() - start_time
+                self._log(metrics, eta=elapsed / done * (args.train_iters - iteration))
+            if args.eval_interval and iteration % args.eval_interval == 0:
+                self.evaluate("valid", self.valid_ds, "consumed_valid_samples")
+            if args.save and args.checkpoint_factor and args.checkpoint_factor > 0:
+                if iteration % args.checkpoint_factor == 0:
+                    self._save()
+                    saved_at = iteration
+            if args.exit_interval and iteration % args.exit_interval == 0:
+                print_rank_0(f"exit_interval: stopping at iteration {iteration}")
+                break
+        else:
+            if args.eval_interval and self.state.iteration % args.eval_interval != 0:
+                self.evaluate("valid", self.valid_ds, "consumed_valid_samples")
+            if args.eval_iters:
+                self.evaluate("test", self.test_ds, None)
+        if args.save and saved_at != self.state.iteration:
+            self._save()
+        self.metrics.close()
+        return self.state
+
+
+def pretrain(args) -> TrainState:
+    """Train the model `args` describes, from scratch or from `args.load`."""
+    print_rank_0(args.derived_table())
+    return Trainer(args).train()

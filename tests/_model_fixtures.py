@@ -1,0 +1,106 @@
+"""Helpers for tests/test_model.py: a tiny model config and a tensor-parallel worker.
+
+Kept apart from the test module so spawned workers import only torch and megatron.
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def make_args(**overrides: Any) -> SimpleNamespace:
+    """A tiny GPT config carrying every key the model reads."""
+    args = dict(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_kv_heads=None,
+        seq_length=16,
+        max_position_embeddings=32,
+        padded_vocab_size=128,
+        norm="layernorm",
+        layernorm_epsilon=1e-5,
+        pos_emb="rotary",
+        rotary_pct=0.25,
+        rotary_emb_base=10000,
+        no_weight_tying=False,
+        gpt_j_residual=False,
+        gpt_j_tied=False,
+        activation="gelu",
+        intermediate_size=None,
+        init_method="normal",
+        output_layer_init_method="scaled_normal",
+        init_method_std=0.02,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_bias_in_norms=True,
+        use_bias_in_attn_linear=True,
+        use_bias_in_mlp=True,
+        params_dtype=torch.float32,
+        seed=1234,
+    )
+    unknown = set(overrides) - set(args)
+    if unknown:
+        raise KeyError(f"make_args: unknown keys {sorted(unknown)}")
+    args.update(overrides)
+    return SimpleNamespace(**args)
+
+
+# The configurations the tensor-parallel test compares against a single process.
+TP_CONFIGS: list[dict[str, Any]] = [
+    {},
+    {"no_weight_tying": True, "gpt_j_residual": True, "pos_emb": "learned"},
+]
+
+
+def fixed_tokens(args: SimpleNamespace, batch: int = 2) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(7)
+    return torch.randint(0, args.padded_vocab_size, (batch, args.seq_length + 1), generator=gen)
+
+
+def run_model(model: torch.nn.Module, args: SimpleNamespace) -> dict[str, Any]:
+    """Full logits, loss and full-size gradients of one forward/backward on fixed tokens."""
+    from megatron.mpu import gather_from_tensor_model_parallel_region, vocab_parallel_cross_entropy
+
+    tokens = fixed_tokens(args)
+    logits = model(tokens[:, :-1])
+    loss = vocab_parallel_cross_entropy(logits, tokens[:, 1:]).mean()
+    loss.backward()
+    grads = {}
+    for name, param in model.named_parameters():
+        grad = param.grad
+        dim = getattr(param, "partition_dim", None)
+        if dim is not None and dist.is_initialized():
+            # Reuse the gather mapping on the partitioned dimension moved last.
+            grad = gather_from_tensor_model_parallel_region(grad.movedim(dim, -1)).movedim(-1, dim)
+        grads[name] = grad.detach().clone()
+    full_logits = gather_from_tensor_model_parallel_region(logits.detach())
+    return {"logits": full_logits, "loss": loss.detach(), "grads": grads}
+
+
+def tp_worker(rank: int, world_size: int, port: int, out_path: str) -> None:
+    """Entry point of one spawned rank: run TP_CONFIGS at TP=world_size, rank 0 saves results."""
+    from megatron.model import GPTModel
+    from megatron.mpu import destroy_model_parallel, initialize_model_parallel
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        initialize_model_parallel(tensor_parallel_size=world_size)
+        results = []
+        for overrides in TP_CONFIGS:
+            args = make_args(**overrides)
+            results.append(run_model(GPTModel(args, parallel_output=True), args))
+        if rank == 0:
+            torch.save(results, out_path + ".tmp")
+            os.replace(out_path + ".tmp", out_path)
+    finally:
+        destroy_model_parallel()
+        dist.destroy_process_group()

@@ -1,0 +1,1 @@
+"""Command-line tools: data preparation, tokenizer training, checkpoint conversion."""

@@ -1,0 +1,1 @@
+"""Data preparation: jsonl -> NeoX `.bin/.idx` datasets, and the quickstart corpus."""
