@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from megatron import mpu
-from megatron.checkpointing import load_checkpoint, save_checkpoint
+from megatron.checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
 from megatron.data.data_utils import build_train_valid_test_datasets, make_data_loader
 from megatron.initialize import device, initialize_megatron
 from megatron.learning_rates import build_lr_scheduler
@@ -64,6 +64,8 @@ def gradient_norm(parameters) -> float:
 class Trainer:
     def __init__(self, args):
         self.args = args
+        if args.load:
+            resolve_checkpoint(args.load)  # a bad `load` fails before any expensive setup
         initialize_megatron(args)
         self.device = device()
         self.tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file)
@@ -77,6 +79,7 @@ class Trainer:
         self.dp_rank = mpu.get_data_parallel_rank()
         self.dp_size = mpu.get_data_parallel_world_size()
         self.train_ds, self.valid_ds, self.test_ds = self._build_datasets()
+        self.save_iters = set(args.save_iters or ())
         self.metrics = MetricsLogger(args)
         self.peak_flops = device_peak_flops()
 
@@ -234,10 +237,9 @@ class Trainer:
                 self._log(metrics, eta=elapsed / done * (args.train_iters - iteration))
             if args.eval_interval and iteration % args.eval_interval == 0:
                 self.evaluate("valid", self.valid_ds, "consumed_valid_samples")
-            if args.save and args.checkpoint_factor and args.checkpoint_factor > 0:
-                if iteration % args.checkpoint_factor == 0:
-                    self._save()
-                    saved_at = iteration
+            if args.save and iteration in self.save_iters:
+                self._save()
+                saved_at = iteration
             if args.exit_interval and iteration % args.exit_interval == 0:
                 print_rank_0(f"exit_interval: stopping at iteration {iteration}")
                 break

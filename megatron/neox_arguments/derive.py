@@ -225,10 +225,11 @@ def _save_iters(args: Any) -> list[int] | None:
         return None
     iters = {int(i) for i in args.extra_save_iters or []}
     factor = args.checkpoint_factor
-    if factor:
-        if factor <= 0 or (args.checkpoint_scale == "log" and factor <= 1):
+    # 0, negative or unset: no periodic saves (the run still saves when it ends).
+    if factor and factor > 0:
+        if args.checkpoint_scale == "log" and factor <= 1:
             raise ConfigError(
-                f"checkpoint_factor must be > 0 (> 1 with checkpoint_scale log), got {factor}"
+                f"checkpoint_factor must be > 1 with checkpoint_scale log, got {factor}"
             )
         step: float = factor
         while step < args.train_iters:

@@ -30,10 +30,13 @@ class NeoXArgsModel:
     num_layers: int | None = arg(None, "Number of transformer layers.")
     hidden_size: int | None = arg(None, "Transformer hidden size.")
     intermediate_size: int | None = arg(None, "MLP intermediate size; 4 * hidden_size when unset.")
-    mlp_multiple_of: int = arg(1, "Round the MLP intermediate size up to a multiple of this.")
+    mlp_multiple_of: int = arg(
+        1, "Round the MLP intermediate size up to a multiple of this.", DEFAULT_ONLY
+    )
     expansion_factor: float | None = arg(
         None,
         "MLP intermediate size as a multiple of hidden_size (alternative to intermediate_size).",
+        DEFAULT_ONLY,
     )
     num_attention_heads: int | None = arg(None, "Number of attention (query) heads.")
     num_kv_heads: int | None = arg(

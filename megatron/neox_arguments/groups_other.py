@@ -54,7 +54,7 @@ class NeoXArgsLRScheduler:
     warmup: float = arg(0.01, "Warmup length as a fraction of the decay iterations.")
     override_lr_scheduler: bool = arg(False, "Take schedule settings from the config on resume.")
     use_checkpoint_lr_scheduler: bool = arg(
-        False, "Take schedule settings from the checkpoint on resume."
+        False, "Take schedule settings from the checkpoint on resume.", DEFAULT_ONLY
     )
 
 

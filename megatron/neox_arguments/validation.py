@@ -162,10 +162,6 @@ def check_values(args: Any, problems: Problems) -> None:
         problems.add(f"init_method_std must be > 0, got {args.init_method_std}")
     if args.lr is not None and args.min_lr > args.lr:
         problems.add(f"min_lr ({args.min_lr}) must be <= the learning rate ({args.lr})")
-    if args.save is not None and args.checkpoint_factor is None and not args.extra_save_iters:
-        problems.add(
-            "save is set but neither checkpoint_factor nor extra_save_iters says when to save"
-        )
     if args.text_gen_type not in ("unconditional", "input-file", "interactive", "precompute"):
         problems.add(
             f"text_gen_type must be unconditional, input-file, interactive or precompute, "

@@ -1,0 +1,153 @@
+"""End-to-end training through the real launcher: loss falls, data parallel matches one process,
+resume is exact, and bad checkpoints are clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from _config_fixtures import small_config, write_config
+from conftest import run_tool
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def train(tmp: Path, name: str, data: str, **overrides) -> tuple[dict, Path]:
+    """Train through deepy.py; returns ({(iteration, split): record}, run folder)."""
+    run = tmp / name
+    settings = dict(
+        train_iters=12,
+        eval_interval=4,
+        eval_iters=2,
+        log_interval=1,
+        log_dir=str(run / "logs"),
+        save=str(run / "ckpt"),
+        checkpoint_factor=6,
+        split="90,10,0",
+        hidden_dropout=0.1,
+        attention_dropout=0.1,
+        warmup=0.1,
+        weight_decay=0.01,
+        gradient_clipping=1.0,
+        seed=7,
+    )
+    values = small_config(data, **{**settings, **overrides})
+    config = write_config(run / "config.yml", values)
+    run_tool("deepy.py", "train.py", config)
+    return read_metrics(run / "logs"), run
+
+
+def read_metrics(log_dir: Path) -> dict:
+    lines = (log_dir / "metrics.jsonl").read_text().splitlines()
+    return {(r["iteration"], r["split"]): r for r in map(json.loads, lines)}
+
+
+def losses(metrics: dict) -> dict:
+    return {key: record["lm_loss"] for key, record in metrics.items()}
+
+
+def test_loss_falls_and_metrics_are_logged(tmp_path, text_dataset):
+    metrics, run = train(tmp_path, "run", text_dataset, train_iters=30, checkpoint_factor=0)
+    train_lines = [metrics[(i, "train")] for i in range(1, 31)]
+    assert train_lines[-1]["lm_loss"] < train_lines[0]["lm_loss"] - 1.0
+    for key in (
+        "iteration",
+        "split",
+        "lm_loss",
+        "lr",
+        "consumed_tokens",
+        "tokens_per_sec",
+        "grad_norm",
+    ):
+        assert key in train_lines[-1]
+    assert train_lines[-1]["consumed_tokens"] == 30 * 4 * 32
+    assert (0, "valid") in metrics and (30, "valid") in metrics
+    assert metrics[(30, "valid")]["lm_loss"] < metrics[(0, "valid")]["lm_loss"]
+    # With no periodic saves the run still saves once, at the end.
+    assert (run / "ckpt" / "latest").read_text() == "global_step30"
+    assert sorted(p.name for p in (run / "ckpt").iterdir()) == ["global_step30", "latest"]
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_two_data_parallel_processes_match_one(tmp_path, text_dataset, zero_stage):
+    common = dict(hidden_dropout=0.0, attention_dropout=0.0, checkpoint_factor=0)
+    common["zero_optimization"] = {"stage": zero_stage}
+    one, _ = train(
+        tmp_path, "one", text_dataset, gradient_accumulation_steps=2, num_gpus=1, **common
+    )
+    two, _ = train(
+        tmp_path, "two", text_dataset, gradient_accumulation_steps=1, num_gpus=2, **common
+    )
+    assert one.keys() == two.keys()
+    for key in one:
+        assert two[key]["lm_loss"] == pytest.approx(one[key]["lm_loss"], rel=1e-5), key
+
+
+@pytest.mark.parametrize("precision,zero_stage", [("fp32", 0), ("bf16", 1)])
+def test_resume_is_exact(tmp_path, text_dataset, precision, zero_stage):
+    settings = dict(precision=precision, zero_optimization={"stage": zero_stage})
+    full, _ = train(tmp_path, "full", text_dataset, **settings)
+    first, run = train(tmp_path, "first", text_dataset, exit_interval=6, **settings)
+    assert max(i for i, _ in first) == 6
+    assert (run / "ckpt" / "latest").read_text() == "global_step6"
+    second, _ = train(tmp_path, "second", text_dataset, load=str(run / "ckpt"), **settings)
+    assert min(i for i, split in second if split == "train") == 7
+    assert losses({**first, **second}) == losses(full)
+
+
+def test_checkpoint_layout(tmp_path, text_dataset):
+    _, run = train(tmp_path, "run", text_dataset, keep_last_n_checkpoints=1, checkpoint_factor=4)
+    ckpt = run / "ckpt"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["global_step12", "latest"]
+    folder = ckpt / "global_step12"
+    metadata = json.loads((folder / "metadata.json").read_text())
+    assert metadata["iteration"] == 12
+    assert metadata["train_state"]["consumed_train_samples"] == 12 * 4
+    assert (folder / "configs" / "config.yml").is_file()
+    weights = load_file(folder / "model.safetensors")
+    assert weights["embedding.word_embeddings.weight"].shape[1] == 64
+    optimizer = load_file(folder / "optimizer.safetensors")
+    assert set(optimizer) == {f"{n}.{k}" for n in weights for k in ("exp_avg", "exp_avg_sq")}
+    assert not any(p.name.startswith(".") for p in ckpt.iterdir())
+
+
+def test_finetune_loads_weights_and_starts_at_zero(tmp_path, text_dataset):
+    _, base = train(tmp_path, "base", text_dataset, train_iters=8, checkpoint_factor=0)
+    tuned, _ = train(
+        tmp_path, "tuned", text_dataset, train_iters=8, load=str(base / "ckpt"), finetune=True
+    )
+    fresh, _ = train(tmp_path, "fresh", text_dataset, train_iters=8, checkpoint_factor=0)
+    assert (0, "valid") in tuned
+    assert tuned[(0, "valid")]["lm_loss"] < fresh[(0, "valid")]["lm_loss"] - 0.3
+
+
+def failing_run(tmp_path: Path, data: str, **overrides) -> str:
+    values = small_config(data, log_dir=str(tmp_path / "logs"), **overrides)
+    config = write_config(tmp_path / "bad.yml", values)
+    result = run_tool("deepy.py", "train.py", config, check=False)
+    assert result.returncode != 0
+    assert (
+        not (tmp_path / "logs" / "metrics.jsonl").exists()
+        or "train" not in (tmp_path / "logs" / "metrics.jsonl").read_text()
+    )
+    return result.stderr
+
+
+def test_missing_load_directory_is_an_error(tmp_path, text_dataset):
+    stderr = failing_run(tmp_path, text_dataset, load=str(tmp_path / "nowhere"))
+    assert "does not exist" in stderr and "nowhere" in stderr
+
+
+def test_load_without_latest_is_an_error(tmp_path, text_dataset):
+    (tmp_path / "empty").mkdir()
+    stderr = failing_run(tmp_path, text_dataset, load=str(tmp_path / "empty"))
+    assert "no 'latest'" in stderr
+
+
+def test_checkpoint_of_another_shape_is_an_error(tmp_path, text_dataset):
+    _, run = train(tmp_path, "run", text_dataset, train_iters=2, checkpoint_factor=0)
+    stderr = failing_run(tmp_path, text_dataset, hidden_size=32, load=str(run / "ckpt"), save=None)
+    assert "does not match the configured model" in stderr
+    assert "embedding.word_embeddings.weight" in stderr and "[384, 64]" in stderr
