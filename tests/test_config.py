@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -45,14 +44,6 @@ num_samples recompute use_mup
 @pytest.fixture
 def dataset(tmp_path: Path) -> str:
     return write_dataset(tmp_path / "data" / "tiny_text_document", [[1, 2, 3, 4], [5, 6, 7]])
-
-
-@pytest.fixture
-def assets() -> Path:
-    root = os.environ.get("STRATA_ASSETS")
-    if not root:
-        pytest.skip("STRATA_ASSETS is not set")
-    return Path(root)
 
 
 def bytes_padded_vocab() -> int:

@@ -18,14 +18,6 @@ from tools.datasets import preprocess_data, stdlib_corpus
 
 
 @pytest.fixture
-def assets() -> Path:
-    root = os.environ.get("STRATA_ASSETS")
-    if not root:
-        pytest.skip("STRATA_ASSETS is not set")
-    return Path(root)
-
-
-@pytest.fixture
 def brown(assets: Path, tmp_path: Path) -> Path:
     """The first 40 Brown documents: real text, small enough to stay fast."""
     path = tmp_path / "in" / "brown.jsonl"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -16,14 +15,6 @@ from megatron.tokenizer import (
 )
 
 TRICKY = "Hello world!\n\n  Tabs\tand émoji 🙂, 数字 123 — it's <|endoftext|> done.  "
-
-
-@pytest.fixture
-def assets() -> Path:
-    root = os.environ.get("STRATA_ASSETS")
-    if not root:
-        pytest.skip("STRATA_ASSETS is not set")
-    return Path(root)
 
 
 @pytest.fixture
