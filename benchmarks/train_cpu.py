@@ -11,14 +11,16 @@ object with tokens/s for each and the ratio strata / hf. Timings are reported, n
 Each measurement runs in a fresh subprocess of this script (`--worker`): the two frameworks then
 share no allocator caches, thread pools, or DeepSpeed / torch.distributed global state, and the
 one that runs second gets no warm-up from the first. With `--repeats` above 1 the order
-alternates between rounds and the median round is reported.
+alternates between rounds (3 by default) and the median round is reported.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,7 +70,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--warmup-steps", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=1, help="rounds of both measurements")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="rounds of both measurements; the median is reported (other processes on a "
+        "small machine easily slow one round several-fold)",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -82,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("layers", "hidden", "heads", "seq_length", "micro_batch", "steps", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
     if args.warmup_steps < 0:
         parser.error("--warmup-steps must be 0 or more")
     return args
@@ -181,6 +191,7 @@ def time_steps(step: Callable[[], float], warmup: int, steps: int) -> dict[str, 
     return {
         "seconds": sum(times),
         "step_seconds_min": min(times),
+        "step_seconds_median": statistics.median(times),
         "loss_start": losses[0],
         "loss_end": losses[-1],
     }
@@ -293,6 +304,8 @@ def summarise(rounds: list[dict[str, Any]], tokens_per_step: int, steps: int) ->
     return {
         "tokens_per_sec": tokens_per_step * steps / chosen["seconds"],
         "step_seconds": chosen["seconds"] / steps,
+        # Less moved than the mean by other processes taking the cores for a while.
+        "step_seconds_median": chosen["step_seconds_median"],
         "step_seconds_min": chosen["step_seconds_min"],
         "loss_start": chosen["loss_start"],
         "loss_end": chosen["loss_end"],
@@ -318,6 +331,8 @@ def main(argv: list[str] | None = None) -> None:
     if cli.worker:
         worker_main(cli.worker, json.loads(cli.config), Path(cli.result))
         return
+    if importlib.util.find_spec("transformers") is None:
+        raise SystemExit("the peer needs transformers: install the `hf` extra (pip install .[hf])")
     threads = cli.threads or default_threads()
     config: dict[str, Any] = {
         "layers": cli.layers,
