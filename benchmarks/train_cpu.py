@@ -10,8 +10,8 @@ object with tokens/s for each and the ratio strata / hf. Timings are reported, n
 
 Each measurement runs in a fresh subprocess of this script (`--worker`): the two frameworks then
 share no allocator caches, thread pools, or DeepSpeed / torch.distributed global state, and the
-one that runs second gets no warm-up from the first. With `--repeats` above 1 the order
-alternates between rounds (3 by default) and the median round is reported.
+one that runs second gets no warm-up from the first. With `--repeats` above 1 (3 by default)
+the order alternates between rounds; throughput comes from the median step over all rounds.
 """
 
 from __future__ import annotations
@@ -74,8 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--repeats",
         type=int,
         default=3,
-        help="rounds of both measurements; the median is reported (other processes on a "
-        "small machine easily slow one round several-fold)",
+        help="rounds of both measurements, in alternating order",
     )
     parser.add_argument(
         "--threads",
@@ -179,7 +178,7 @@ def write_random_dataset(prefix: Path, vocab_size: int, num_tokens: int, seed: i
 # -- measurement -----------------------------------------------------------------------------------
 
 
-def time_steps(step: Callable[[], float], warmup: int, steps: int) -> dict[str, float]:
+def time_steps(step: Callable[[], float], warmup: int, steps: int) -> dict[str, Any]:
     """Run `warmup` untimed steps, then time `steps` steps; `step` returns the loss."""
     for _ in range(warmup):
         step()
@@ -188,13 +187,7 @@ def time_steps(step: Callable[[], float], warmup: int, steps: int) -> dict[str, 
         start = time.perf_counter()
         losses.append(step())
         times.append(time.perf_counter() - start)
-    return {
-        "seconds": sum(times),
-        "step_seconds_min": min(times),
-        "step_seconds_median": statistics.median(times),
-        "loss_start": losses[0],
-        "loss_end": losses[-1],
-    }
+    return {"step_times": times, "loss_start": losses[0], "loss_end": losses[-1]}
 
 
 def measure_strata(config: dict[str, Any]) -> dict[str, Any]:
@@ -298,18 +291,24 @@ def run_worker(framework: str, config: dict[str, Any], workdir: Path) -> dict[st
     return json.loads(result_path.read_text())
 
 
-def summarise(rounds: list[dict[str, Any]], tokens_per_step: int, steps: int) -> dict[str, Any]:
-    """The median round by total time (with one round, that round)."""
-    chosen = sorted(rounds, key=lambda r: r["seconds"])[(len(rounds) - 1) // 2]
+def summarise(rounds: list[dict[str, Any]], tokens_per_step: int) -> dict[str, Any]:
+    """Throughput from the median timed step over all rounds.
+
+    The median, not the mean: on a shared machine other processes take the cores for a few
+    seconds at a time, which stretches some steps several-fold (see rounds_tokens_per_sec).
+    """
+    times = [t for r in rounds for t in r["step_times"]]
+    median = statistics.median(times)
     return {
-        "tokens_per_sec": tokens_per_step * steps / chosen["seconds"],
-        "step_seconds": chosen["seconds"] / steps,
-        # Less moved than the mean by other processes taking the cores for a while.
-        "step_seconds_median": chosen["step_seconds_median"],
-        "step_seconds_min": chosen["step_seconds_min"],
-        "loss_start": chosen["loss_start"],
-        "loss_end": chosen["loss_end"],
-        "rounds_tokens_per_sec": [tokens_per_step * steps / r["seconds"] for r in rounds],
+        "tokens_per_sec": tokens_per_step / median,
+        "step_seconds": median,
+        "step_seconds_mean": statistics.fmean(times),
+        "step_seconds_min": min(times),
+        "loss_start": rounds[0]["loss_start"],
+        "loss_end": rounds[0]["loss_end"],
+        "rounds_tokens_per_sec": [
+            tokens_per_step * len(r["step_times"]) / sum(r["step_times"]) for r in rounds
+        ],
     }
 
 
@@ -372,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     counts = {name: rounds[name][0]["parameters"] for name in FRAMEWORKS}
     if counts["strata"] != counts["hf_transformers"]:
         raise RuntimeError(f"the two models differ in size: parameter counts {counts}")
-    results = {name: summarise(rounds[name], tokens_per_step, cli.steps) for name in FRAMEWORKS}
+    results = {name: summarise(rounds[name], tokens_per_step) for name in FRAMEWORKS}
     shown = {k: v for k, v in config.items() if k not in ("data_prefix", "threads")}
     report = {
         "benchmark": "train_cpu",
