@@ -17,15 +17,18 @@ from megatron.neox_arguments.launch import LaunchPlan, _first_of_nodelist, build
 
 pytestmark = pytest.mark.timeout(120)
 
-# The user script writes this file if it is ever started.
+# The user script writes started-RANK if it is ever started, then what it saw into that file
+# (one file per rank: the processes' stdout lines may interleave).
 SCRIPT = """\
 import os
 from megatron.neox_arguments import NeoXArgs
 
-open(os.path.join(os.path.dirname(__file__), "started-" + os.environ.get("RANK", "x")), "w").close()
+started = os.path.join(os.path.dirname(__file__), "started-" + os.environ.get("RANK", "x"))
+open(started, "w").close()
 args = NeoXArgs.consume_neox_args()
-print("rank", os.environ["RANK"], "of", os.environ["WORLD_SIZE"], "iters", args.train_iters,
-      "world", args.global_num_gpus, flush=True)
+with open(started, "w") as f:
+    f.write(f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']} iters {args.train_iters} "
+            f"world {args.global_num_gpus}")
 """
 
 
@@ -220,7 +223,8 @@ def test_runs_the_processes_with_the_resolved_config(workdir: Path) -> None:
     result = deepy(workdir, "train.py", config_file(workdir, num_gpus=2), "train_iters=7")
     assert result.returncode == 0, result.stderr
     for rank in ("0", "1"):
-        assert f"rank {rank} of 2 iters 7 world 2" in result.stdout
+        seen = (workdir / f"started-{rank}").read_text()
+        assert seen == f"rank {rank} of 2 iters 7 world 2"
 
 
 def test_run_returns_the_child_exit_code() -> None:
