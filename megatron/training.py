@@ -11,6 +11,7 @@ import torch.distributed as dist
 from megatron import mpu
 from megatron.checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
 from megatron.data.data_utils import build_train_valid_test_datasets, make_data_loader
+from megatron.data.masks import get_ltor_batch, masked_mean
 from megatron.initialize import device, initialize_megatron
 from megatron.learning_rates import build_lr_scheduler
 from megatron.logging import (
@@ -35,16 +36,21 @@ class TrainState:
     consumed_valid_samples: int = 0
 
 
-def loss_from_batch(model, text: torch.Tensor, eod: int, eod_mask_loss: bool) -> torch.Tensor:
-    """Mean next-token loss over a [b, s + 1] batch of token ids."""
-    tokens, labels = text[:, :-1].contiguous(), text[:, 1:].contiguous()
-    logits = model(tokens)
-    losses = mpu.vocab_parallel_cross_entropy(logits.float(), labels)
-    if not eod_mask_loss:
-        return losses.mean()
-    # NeoX masks the loss where the *input* token is the end-of-document token.
-    mask = (tokens != eod).float()
-    return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+def lm_loss(model, batch: dict, eod: int, args) -> torch.Tensor:
+    """Mean next-token loss over a batch {"text": [b, s + 1], optional "label": [b, s + 1]}."""
+    device = next(model.parameters()).device
+    label = batch.get("label")
+    ltor = get_ltor_batch(
+        batch["text"].to(device),
+        eod,
+        label=None if label is None else label.to(device),
+        eod_mask_loss=args.eod_mask_loss,
+        reset_position_ids=args.reset_position_ids,
+        reset_attention_mask=args.reset_attention_mask,
+    )
+    logits = model(ltor.tokens, ltor.position_ids, ltor.attention_mask)
+    losses = mpu.vocab_parallel_cross_entropy(logits.float(), ltor.labels)
+    return masked_mean(losses, ltor.loss_mask)
 
 
 def average_across_data_parallel(value: torch.Tensor) -> float:
@@ -145,8 +151,7 @@ class Trainer:
     # -- steps ---------------------------------------------------------------------------------
 
     def _loss(self, batch) -> torch.Tensor:
-        text = batch["text"].to(self.device)
-        return loss_from_batch(self.engine, text, self.tokenizer.eod, self.args.eod_mask_loss)
+        return lm_loss(self.engine, batch, self.tokenizer.eod, self.args)
 
     def train_step(self, train_iter) -> dict:
         """One optimizer step over gradient_accumulation_steps micro-batches."""

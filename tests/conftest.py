@@ -53,3 +53,24 @@ def text_dataset(tmp_path_factory) -> str:
         "--append-eod",
     )
     return str(folder / "corpus_text_document")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(assets: Path) -> Path:
+    """SmolLM2-135M-Instruct as a plain Hugging Face directory (fp32), made from the GGUF asset
+    with tools/ckpts/gguf_to_hf.py once and cached under .cache/ (keyed by the file's size and
+    mtime) because the conversion takes about 40 s."""
+    gguf = assets / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    stat = gguf.stat()
+    cache = Path(os.environ.get("STRATA_TEST_CACHE", REPO / ".cache" / "test-assets"))
+    target = cache / f"smollm2-135m-instruct-hf-{stat.st_size}-{int(stat.st_mtime)}"
+    if not (target / "config.json").is_file():
+        from tools.ckpts.gguf_to_hf import gguf_to_hf
+
+        try:
+            gguf_to_hf(gguf, target)
+        except (FileExistsError, OSError):
+            # Another test process finished the same conversion first.
+            if not (target / "config.json").is_file():
+                raise
+    return target

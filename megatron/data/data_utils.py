@@ -63,6 +63,11 @@ def build_train_valid_test_datasets(
     (which win, as in NeoX), and `seq_length`, `seed`, `data_impl`. A split with no samples
     requested or no documents is None.
     """
+    if getattr(args, "dataset_impl", "gpt2") == "pairwise":
+        # DPO / reward-model data: chosen and rejected documents side by side.
+        from megatron.data.pairwise_dataset import build_pairwise_datasets
+
+        return build_pairwise_datasets(args, num_samples)
     data_impl = getattr(args, "data_impl", "mmap")
     if data_impl != "mmap":
         raise ValueError(f"data_impl {data_impl!r} is not supported; only 'mmap' is")

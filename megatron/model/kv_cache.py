@@ -1,0 +1,44 @@
+"""Keys and values of earlier positions, so incremental decoding computes only the new tokens."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """One slot per layer holding [b, kv_heads, length, head_dim] keys and values.
+
+    Buffers are allocated on first use with room for `max_length` positions (grown by doubling
+    if exceeded). Attention calls `update(layer, k, v)` with the new positions' keys and values
+    (rotary already applied) and attends to what it returns; the model calls `advance(n)` once
+    after all layers have seen the n new positions.
+    """
+
+    def __init__(self, num_layers: int, max_length: int = 0) -> None:
+        self.length = 0
+        self.max_length = max_length
+        self._keys: list[torch.Tensor | None] = [None] * num_layers
+        self._values: list[torch.Tensor | None] = [None] * num_layers
+
+    def _room(self, buffer: torch.Tensor | None, like: torch.Tensor, needed: int) -> torch.Tensor:
+        if buffer is not None and buffer.shape[2] >= needed:
+            return buffer
+        capacity = max(needed, self.max_length, 2 * (buffer.shape[2] if buffer is not None else 0))
+        grown = like.new_empty(like.shape[0], like.shape[1], capacity, like.shape[3])
+        if buffer is not None:
+            grown[:, :, : self.length] = buffer[:, :, : self.length]
+        return grown
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new positions' k, v; return all positions' keys and values so far."""
+        end = self.length + k.shape[2]
+        keys = self._keys[layer] = self._room(self._keys[layer], k, end)
+        values = self._values[layer] = self._room(self._values[layer], v, end)
+        keys[:, :, self.length : end] = k
+        values[:, :, self.length : end] = v
+        return keys[:, :, :end], values[:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n

@@ -1,0 +1,78 @@
+"""Turn a GGUF model file into a plain Hugging Face directory (config, safetensors, tokenizer).
+
+transformers dequantises GGUF weights on load (and undoes llama.cpp's rotary row order); this
+copies them into a freshly built model of the same class so the result is an ordinary
+`save_pretrained` folder that Strata's converters read.
+
+    python tools/ckpts/gguf_to_hf.py --input model.gguf --output HF_DIR [--dtype fp32|bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def gguf_to_hf(gguf_file: str | Path, output: str | Path, dtype: str = "fp32") -> Path:
+    """Write the HF directory `output` (atomically: built next to it, then renamed)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_file, output = Path(gguf_file), Path(output)
+    if not gguf_file.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {gguf_file}")
+    if output.exists():
+        raise FileExistsError(f"output already exists: {output}")
+    torch_dtype = getattr(torch, DTYPES[dtype])
+    folder, name = str(gguf_file.parent), gguf_file.name
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    # A fresh model of the same class holds plain tensors: no GGUF-specific state survives.
+    config.dtype = torch_dtype
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    # A tied head has no tensor of its own in the state dict; anything else missing is a bug.
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ValueError(
+            f"{gguf_file}: state dict mismatch: missing {missing}, unexpected {unexpected}"
+        )
+    if loaded.generation_config is not None:
+        model.generation_config = loaded.generation_config
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        staging.chmod(0o755)
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", required=True, help="the .gguf file")
+    parser.add_argument("--output", required=True, help="the HF directory to create")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    args = parser.parse_args(argv)
+    try:
+        out = gguf_to_hf(args.input, args.output, args.dtype)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
