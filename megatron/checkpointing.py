@@ -9,6 +9,9 @@
         configs/               the config files the run started from
     {save}/latest              "global_step{N}": written last and atomically
 
+A weights-only checkpoint (`save_weights_checkpoint`, e.g. a converted Hugging Face model) has
+no optimizer file and no RNG states; metadata.json says "weights_only": true.
+
 A checkpoint is built in a hidden temporary folder and renamed when complete, so a crash never
 leaves a half-written `global_step{N}`; `latest` moves only after the rename.
 """
@@ -210,18 +213,66 @@ def save_checkpoint(
             },
         }
         atomic_write_json(tmp / METADATA_FILE, metadata)
-        (tmp / "configs").mkdir()
-        for filename, text in (getattr(args, "config_files", None) or {}).items():
-            (tmp / "configs" / Path(filename).name).write_text(text)
+        _write_configs(tmp, getattr(args, "config_files", None) or {})
     _barrier()
     if _rank() == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        atomic_write_text(save_dir / "latest", tag_for(iteration))
+        _publish(save_dir, tmp, iteration)
         _prune(save_dir, getattr(args, "keep_last_n_checkpoints", None))
     _barrier()
     return final
+
+
+def _write_configs(folder: Path, config_files: dict[str, str]) -> None:
+    (folder / "configs").mkdir()
+    for filename, text in config_files.items():
+        (folder / "configs" / Path(filename).name).write_text(text)
+
+
+def _publish(save_dir: Path, tmp: Path, iteration: int) -> Path:
+    """Rename the finished temporary folder to global_step{N}, then point `latest` at it."""
+    final = save_dir / tag_for(iteration)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write_text(save_dir / "latest", tag_for(iteration))
+    return final
+
+
+def save_weights_checkpoint(
+    save_dir: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    config_files: dict[str, str] | None = None,
+    iteration: int = 0,
+) -> Path:
+    """A checkpoint holding only model weights (e.g. a converted Hugging Face model), in the
+    same format; load it with `finetune: true` or `no_load_optim: true`. One process only."""
+    save_dir = Path(save_dir)
+    tmp = save_dir / f".{tag_for(iteration)}.tmp"
+    save_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    save_file(tensors, tmp / MODEL_FILE, metadata={"format": "strata"})
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "iteration": iteration,
+        "weights_only": True,
+        "optimizer_step": 0,
+        "optimizer_state_keys": [],
+        "scheduler": None,
+        "train_state": {},
+        "shapes": {name: list(t.shape) for name, t in tensors.items()},
+        "dtype": str(next(iter(tensors.values())).dtype).replace("torch.", ""),
+        "layout": {
+            "world_size": 1,
+            "data_parallel_size": 1,
+            "tensor_parallel_size": 1,
+            "pipe_parallel_size": 1,
+        },
+    }
+    atomic_write_json(tmp / METADATA_FILE, metadata)
+    _write_configs(tmp, config_files or {})
+    return _publish(save_dir, tmp, iteration)
 
 
 def _prune(save_dir: Path, keep_last: int | None) -> None:
@@ -320,6 +371,12 @@ def load_checkpoint(
 
     view = OptimizerView(optimizer, [p for _, p in named])
     optim_tensors = {}
+    weights_only = bool(metadata.get("weights_only"))
+    if load_optimizer and weights_only:
+        raise CheckpointError(
+            f"load: {folder} holds model weights only (no optimizer state); load it with "
+            "finetune: true (or no_load_optim: true)"
+        )
     if load_optimizer:
         if not (folder / OPTIMIZER_FILE).is_file():
             raise CheckpointError(f"load: {folder / OPTIMIZER_FILE} is missing")
@@ -338,7 +395,7 @@ def load_checkpoint(
         view.set_step(metadata["optimizer_step"])
         if scheduler is not None and metadata.get("scheduler"):
             scheduler.load_state_dict(metadata["scheduler"])
-    if load_rng:
+    if load_rng and not weights_only:
         rng_file = folder / "rng" / f"rank{_rank()}.pt"
         if not rng_file.is_file():
             rng_file = folder / "rng" / "rank0.pt"  # a larger world than the one that saved

@@ -1,10 +1,13 @@
-"""Optimizer registry and parameter groups (no weight decay on norms and biases)."""
+"""Optimizer registry and parameter groups (no weight decay on norms and biases; under muP,
+hidden matrices learn at lr / m)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
 import torch
+
+from megatron.model.mup import is_hidden_matrix, width_multiplier
 
 OptimizerFactory = Callable[[list[dict], dict], torch.optim.Optimizer]
 OPTIMIZERS: dict[str, OptimizerFactory] = {}
@@ -43,18 +46,48 @@ def _no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
 
 
 def get_param_groups(
-    named_parameters: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float
+    named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
+    weight_decay: float,
+    hidden_lr_mult: float = 1.0,
 ) -> list[dict]:
-    """Two groups: weights with decay; norm parameters and biases without."""
-    decay, no_decay = [], []
+    """Weights with decay; norm parameters and biases without.
+
+    With ``hidden_lr_mult`` != 1 (muP's 1/m for Adam) the hidden matrices get a group of their
+    own whose ``lr_mult`` the LR schedule applies.
+    """
+    hidden, decay, no_decay = [], [], []
     for name, param in named_parameters:
-        if param.requires_grad:
-            (no_decay if _no_weight_decay(name, param) else decay).append(param)
+        if not param.requires_grad:
+            continue
+        if _no_weight_decay(name, param):
+            no_decay.append(param)
+        elif hidden_lr_mult != 1.0 and is_hidden_matrix(param):
+            hidden.append(param)
+        else:
+            decay.append(param)
     groups = [
+        {"params": hidden, "weight_decay": weight_decay, "lr_mult": hidden_lr_mult},
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return [group for group in groups if group["params"]]
+
+
+MUP_OPTIMIZERS = ("adam", "adamw")
+
+
+def mup_hidden_lr_mult(args) -> float:
+    """muP's Adam learning-rate multiplier for hidden matrices, 1/m (Tensor Programs V, Table 3);
+    1 without muP."""
+    if not args.use_mup:
+        return 1.0
+    kind = str((args.optimizer or {}).get("type", "adam")).lower()
+    if kind not in MUP_OPTIMIZERS:
+        raise ValueError(
+            f"use_mup: muP learning rates are implemented for {list(MUP_OPTIMIZERS)}, "
+            f"not optimizer.type {kind!r}"
+        )
+    return 1.0 / width_multiplier(args)
 
 
 def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -67,5 +100,7 @@ def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
         )
     params = dict(spec.get("params", {}))
     params["lr"] = args.lr
-    groups = get_param_groups(model.named_parameters(), args.weight_decay)
+    groups = get_param_groups(model.named_parameters(), args.weight_decay, mup_hidden_lr_mult(args))
+    for group in groups:  # the LR schedule re-applies lr_mult at every step
+        group["lr"] = args.lr * group.get("lr_mult", 1.0)
     return OPTIMIZERS[name](groups, params)

@@ -10,8 +10,12 @@ import torch.distributed as dist
 
 from megatron import mpu
 from megatron.checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
-from megatron.data.data_utils import build_train_valid_test_datasets, make_data_loader
-from megatron.data.masks import get_ltor_batch, masked_mean
+from megatron.data.data_utils import (
+    build_train_valid_test_datasets,
+    describe_dataset,
+    make_data_loader,
+    resolve_train_epochs,
+)
 from megatron.initialize import device, initialize_megatron
 from megatron.learning_rates import build_lr_scheduler
 from megatron.logging import (
@@ -21,6 +25,14 @@ from megatron.logging import (
     device_peak_flops,
     flops_per_token,
     print_rank_0,
+)
+from megatron.losses import (
+    REFERENCE_FILE,
+    LossContext,
+    build_reference_model,
+    get_train_impl,
+    load_reference_model,
+    save_reference_model,
 )
 from megatron.model import GPTModel
 from megatron.optimizers import build_optimizer
@@ -34,23 +46,6 @@ class TrainState:
     iteration: int = 0
     consumed_train_samples: int = 0
     consumed_valid_samples: int = 0
-
-
-def lm_loss(model, batch: dict, eod: int, args) -> torch.Tensor:
-    """Mean next-token loss over a batch {"text": [b, s + 1], optional "label": [b, s + 1]}."""
-    device = next(model.parameters()).device
-    label = batch.get("label")
-    ltor = get_ltor_batch(
-        batch["text"].to(device),
-        eod,
-        label=None if label is None else label.to(device),
-        eod_mask_loss=args.eod_mask_loss,
-        reset_position_ids=args.reset_position_ids,
-        reset_attention_mask=args.reset_attention_mask,
-    )
-    logits = model(ltor.tokens, ltor.position_ids, ltor.attention_mask)
-    losses = mpu.vocab_parallel_cross_entropy(logits.float(), ltor.labels)
-    return masked_mean(losses, ltor.loss_mask)
 
 
 def average_across_data_parallel(value: torch.Tensor) -> float:
@@ -75,12 +70,26 @@ class Trainer:
         initialize_megatron(args)
         self.device = device()
         self.tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file)
+        if args.train_iters is None:  # train_epochs: the schedule needs the data's size first
+            print_rank_0(resolve_train_epochs(args))
         self.state = TrainState()
         self.engine, self.optimizer, self.scheduler = self._setup_model_and_optimizer()
         # DeepSpeed reports the gradient norm only for the optimizers it wraps (ZeRO, bf16).
         self._norm_is_ours = self.engine.optimizer is self.engine.basic_optimizer
         if args.load:
             self._load()
+        # The objective (megatron/losses.py); DPO/KTO compare against the starting weights.
+        self.train_impl = get_train_impl(args.train_impl)
+        reference = None
+        if self.train_impl.needs_reference(args):
+            reference = build_reference_model(self.engine.module)
+            if args.load and not args.finetune and not load_reference_model(reference, args.load):
+                print_rank_0(
+                    f"{args.load} holds no {REFERENCE_FILE}: the reference model is "
+                    "the resumed weights"
+                )
+        self.loss_context = LossContext(args, self.tokenizer.eod, reference)
+        self._reference_saved = False
         self.global_batch = args.train_batch_size
         self.dp_rank = mpu.get_data_parallel_rank()
         self.dp_size = mpu.get_data_parallel_world_size()
@@ -132,7 +141,10 @@ class Trainer:
             evals * args.eval_iters * self.global_batch,
             args.eval_iters * self.global_batch,
         )
-        return build_train_valid_test_datasets(args, num_samples)
+        datasets = build_train_valid_test_datasets(args, num_samples)
+        for split, dataset in zip(("train", "valid", "test"), datasets):
+            print_rank_0(describe_dataset(split, dataset))
+        return datasets
 
     def _loader(self, dataset, consumed: int):
         if dataset is None:
@@ -150,15 +162,26 @@ class Trainer:
 
     # -- steps ---------------------------------------------------------------------------------
 
-    def _loss(self, batch) -> torch.Tensor:
-        return lm_loss(self.engine, batch, self.tokenizer.eod, self.args)
+    def _loss(self, batch) -> tuple[torch.Tensor, dict]:
+        """(loss, extra metrics) of one micro-batch under the configured train_impl."""
+        return self.train_impl.loss(self.engine, batch, self.loss_context)
+
+    @staticmethod
+    def _average(losses: list, extras: list[dict]) -> dict:
+        """lm_loss and each extra metric: mean over micro-batches and data-parallel ranks."""
+        metrics = {"lm_loss": average_across_data_parallel(torch.stack(losses).mean())}
+        for key in extras[0] if extras else ():
+            values = torch.stack([extra[key] for extra in extras]).float().mean()
+            metrics[key] = average_across_data_parallel(values)
+        return metrics
 
     def train_step(self, train_iter) -> dict:
         """One optimizer step over gradient_accumulation_steps micro-batches."""
         lr = self.scheduler.step(self.state.iteration + 1)
-        losses, grad_norm = [], None
+        losses, extras, grad_norm = [], [], None
         for _ in range(self.args.gradient_accumulation_steps):
-            loss = self._loss(next(train_iter))
+            loss, extra = self._loss(next(train_iter))
+            extras.append(extra)
             self.engine.backward(loss)
             if self.engine.is_gradient_accumulation_boundary() and self._norm_is_ours:
                 grad_norm = gradient_norm(self.engine.module.parameters())
@@ -168,7 +191,7 @@ class Trainer:
             grad_norm = self.engine.get_global_grad_norm()
         self.state.iteration += 1
         self.state.consumed_train_samples += self.global_batch
-        metrics = {"lm_loss": average_across_data_parallel(torch.stack(losses).mean()), "lr": lr}
+        metrics = {**self._average(losses, extras), "lr": lr}
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
         return metrics
@@ -180,16 +203,18 @@ class Trainer:
         if data_iter is None:
             return None
         self.engine.eval()
-        losses = []
+        losses, extras = [], []
         for _ in range(self.args.eval_iters):
             for _ in range(self.args.gradient_accumulation_steps):
-                losses.append(self._loss(next(data_iter)))
+                loss, extra = self._loss(next(data_iter))
+                losses.append(loss)
+                extras.append(extra)
         self.engine.train()
         if consumed_attr:
             setattr(self.state, consumed_attr, consumed + self.args.eval_iters * self.global_batch)
-        loss = average_across_data_parallel(torch.stack(losses).mean())
-        self._log({"iteration": self.state.iteration, "split": split, "lm_loss": loss})
-        return loss
+        metrics = self._average(losses, extras)
+        self._log({"iteration": self.state.iteration, "split": split, **metrics})
+        return metrics["lm_loss"]
 
     # -- loop ----------------------------------------------------------------------------------
 
@@ -199,6 +224,9 @@ class Trainer:
         print_rank_0(console_line(metrics, self.args.train_iters, eta))
 
     def _save(self) -> None:
+        if self.loss_context.reference is not None and not self._reference_saved:
+            save_reference_model(self.loss_context.reference, self.args.save)
+            self._reference_saved = True
         save_checkpoint(
             self.args,
             self.state.iteration,

@@ -25,14 +25,24 @@ def make_args(**overrides: Any) -> SimpleNamespace:
         padded_vocab_size=128,
         norm="layernorm",
         layernorm_epsilon=1e-5,
+        rms_norm_epsilon=1e-8,
+        scalenorm_epsilon=1e-8,
         pos_emb="rotary",
         rotary_pct=0.25,
         rotary_emb_base=10000,
+        rope_scaling=None,
+        sliding_window_width=None,
+        use_qk_layernorm=False,
+        attention_config=None,
+        attention_backend="sdpa",
+        te_mha=False,
         no_weight_tying=False,
         gpt_j_residual=False,
         gpt_j_tied=False,
         activation="gelu",
         intermediate_size=None,
+        expansion_factor=None,
+        mlp_multiple_of=1,
         init_method="normal",
         output_layer_init_method="scaled_normal",
         init_method_std=0.02,
@@ -43,6 +53,12 @@ def make_args(**overrides: Any) -> SimpleNamespace:
         use_bias_in_mlp=True,
         params_dtype=torch.float32,
         seed=1234,
+        use_mup=False,
+        mup_base_width=None,
+        mup_init_scale=1.0,
+        mup_embedding_mult=1.0,
+        mup_output_temp=1.0,
+        mup_attn_temp=1.0,
     )
     unknown = set(overrides) - set(args)
     if unknown:
@@ -55,6 +71,10 @@ def make_args(**overrides: Any) -> SimpleNamespace:
 TP_CONFIGS: list[dict[str, Any]] = [
     {},
     {"no_weight_tying": True, "gpt_j_residual": True, "pos_emb": "learned"},
+    # gated MLP: [gate; up] split with stride 2 (intermediate_size 192 -> 2 x 64 rows)
+    {"activation": "swiglu", "norm": "rmsnorm", "intermediate_size": 192},
+    # GQA: each rank holds one whole key/value group and its heads' ALiBi slopes
+    {"num_kv_heads": 2, "pos_emb": "alibi", "sliding_window_width": 6, "use_qk_layernorm": True},
 ]
 
 
@@ -65,7 +85,12 @@ def fixed_tokens(args: SimpleNamespace, batch: int = 2) -> torch.Tensor:
 
 def run_model(model: torch.nn.Module, args: SimpleNamespace) -> dict[str, Any]:
     """Full logits, loss and full-size gradients of one forward/backward on fixed tokens."""
-    from megatron.mpu import gather_from_tensor_model_parallel_region, vocab_parallel_cross_entropy
+    from megatron.mpu import (
+        gather_from_tensor_model_parallel_region,
+        get_tensor_model_parallel_world_size,
+        vocab_parallel_cross_entropy,
+    )
+    from megatron.mpu.layers import merge_partitions
 
     tokens = fixed_tokens(args)
     logits = model(tokens[:, :-1])
@@ -78,6 +103,9 @@ def run_model(model: torch.nn.Module, args: SimpleNamespace) -> dict[str, Any]:
         if dim is not None and dist.is_initialized():
             # Reuse the gather mapping on the partitioned dimension moved last.
             grad = gather_from_tensor_model_parallel_region(grad.movedim(dim, -1)).movedim(-1, dim)
+            # Rank-major slices -> canonical order (a gated MLP's [gate; up] has stride 2).
+            parts = list(grad.chunk(get_tensor_model_parallel_world_size(), dim))
+            grad = merge_partitions(parts, dim, param.partition_stride)
         grads[name] = grad.detach().clone()
     full_logits = gather_from_tensor_model_parallel_region(logits.detach())
     return {"logits": full_logits, "loss": loss.detach(), "grads": grads}

@@ -306,7 +306,7 @@ def test_unbuildable_tokenizer_is_a_config_error(dataset: str) -> None:
         ("pipe_parallel_size=2", "pipeline parallelism is not supported yet"),
         ("zero_optimization.stage=2", "ZeRO stage 2 is not supported yet"),
         ("attention_config=[[[sparse_fixed], 2]]", r"\['sparse_fixed'\] are not supported yet"),
-        ("use_mup=true", "use_mup=True .*is not supported yet"),
+        ("use_mup=true", "use_mup=True .*needs mup_base_width"),
         ("moe_num_experts=8", "moe_num_experts=8 .*only NeoX's default 1 is accepted"),
         ("lr=0.1", "key 'lr' .*cannot be set: it is derived from optimizer.params.lr"),
         ("zero_optimization.offload_optimizer={device: cpu}", "ZeRO offload is not supported"),

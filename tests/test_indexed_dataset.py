@@ -18,6 +18,8 @@ from megatron.data.indexed_dataset import (
     dtype_code,
 )
 
+pytestmark = pytest.mark.timeout(60)
+
 SEQUENCES = [[1, 2, 3], [4, 5], [600]]
 
 
@@ -171,6 +173,14 @@ def test_bin_size_mismatch(good: Path, change: str) -> None:
     with pytest.raises(DatasetError, match="is 10 bytes|is 14 bytes") as info:
         MMapIndexedDataset(good)
     assert str(data_file) in str(info.value)
+    # Both sizes and both files are named.
+    assert "describes 12" in str(info.value) and f"{good}.idx" in str(info.value)
+
+
+def test_tokens_view_of_the_whole_file(good: Path) -> None:
+    ds = MMapIndexedDataset(good)
+    assert ds.tokens.tolist() == [t for seq in SEQUENCES for t in seq]
+    assert ds.tokens.dtype == np.uint16
 
 
 @pytest.mark.parametrize("suffix", [".bin", ".idx"])

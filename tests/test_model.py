@@ -301,14 +301,14 @@ def test_parameter_count_matches_formula(overrides) -> None:
 
 
 def test_bad_config_errors_name_the_key() -> None:
-    with pytest.raises(ValueError, match="GQA comes with the Llama architecture issue"):
-        GPTModel(make_args(num_kv_heads=2))
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        GPTModel(make_args(num_kv_heads=3))
     with pytest.raises(ValueError, match="init_method"):
         GPTModel(make_args(init_method="nope"))
     with pytest.raises(ValueError, match="activation"):
         GPTModel(make_args(activation="nope"))
-    with pytest.raises(ValueError, match="pos_emb"):
-        GPTModel(make_args(pos_emb="alibi"))
+    with pytest.raises(ValueError, match="pos_emb: 'rpe'.*not supported"):
+        GPTModel(make_args(pos_emb="rpe"))
     with pytest.raises(ValueError, match="rotary_pct"):
         GPTModel(make_args(rotary_pct=0.1))  # 1.6 channels per 16-wide head
 

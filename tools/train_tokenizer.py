@@ -12,11 +12,10 @@ import argparse
 import os
 import sys
 import uuid
-from collections.abc import Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from tools.datasets.preprocess_data import input_files, parse_record, read_lines
+from tools.datasets.readers import iter_texts, resolve_inputs
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|padding|>"]
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
@@ -37,11 +36,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def texts(paths: list[str], keys: list[str]) -> Iterator[str]:
-    for path, number, line in read_lines(paths):
-        yield from parse_record(path, number, line, keys).values()
-
-
 def new_tokenizer() -> Tokenizer:
     """An untrained byte-level BPE pipeline that reproduces its input text exactly."""
     tokenizer = Tokenizer(models.BPE())
@@ -60,7 +54,7 @@ def train(paths: list[str], keys: list[str], vocab_size: int, min_frequency: int
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=sys.stderr.isatty(),
     )
-    tokenizer.train_from_iterator(texts(paths, keys), trainer=trainer)
+    tokenizer.train_from_iterator(iter_texts(paths, keys), trainer=trainer)
     return tokenizer
 
 
@@ -81,7 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         tokenizer = train(
-            input_files(args.input), args.jsonl_keys, args.vocab_size, args.min_frequency
+            resolve_inputs([args.input], args.jsonl_keys),
+            args.jsonl_keys,
+            args.vocab_size,
+            args.min_frequency,
         )
         save(tokenizer, args.output)
     except (ValueError, OSError) as err:

@@ -1,4 +1,4 @@
-"""Train/valid/test datasets from the config, and the data loader."""
+"""Train/valid/test datasets from the config (splits, blends, labels), epochs, and the loader."""
 
 from __future__ import annotations
 
@@ -9,13 +9,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron.data.gpt2_dataset import GPT2Dataset
-from megatron.data.indexed_dataset import MMapIndexedDataset
+from megatron.data.blendable_dataset import (
+    BlendableDataset,
+    mixture_table,
+    normalize_weights,
+    samples_drawn,
+    weights_by_num_documents,
+)
+from megatron.data.gpt2_dataset import GPT2Dataset, labelled_documents
+from megatron.data.indexed_dataset import DatasetError, MMapIndexedDataset
+from megatron.data.sample_index import DOCUMENTWISE, epoch_samples
 from megatron.data.samplers import PretrainingBatchSampler
 
 logger = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "valid", "test")
+Dataset = GPT2Dataset | BlendableDataset
 
 
 def get_train_valid_test_split(split: str, num_docs: int) -> list[int]:
@@ -42,63 +51,202 @@ def get_train_valid_test_split(split: str, num_docs: int) -> list[int]:
     return [0] + [max(0, b - excess) for b in bounds[1:]]
 
 
-def _single_path(args: Any, key: str) -> str | None:
+def _paths(args: Any, key: str) -> list[str]:
     paths = getattr(args, key, None) or []
-    if isinstance(paths, str):
-        paths = [paths]
-    if len(paths) > 1:
+    return [paths] if isinstance(paths, str) else list(paths)
+
+
+def _open_labels(args: Any, key: str, count: int) -> list[MMapIndexedDataset | None]:
+    paths = _paths(args, key)
+    if paths and len(paths) != count:
+        raise ValueError(f"{key} lists {len(paths)} datasets but there are {count} data paths")
+    return [MMapIndexedDataset(p) for p in paths] if paths else [None] * count
+
+
+def _gpt2(
+    args: Any,
+    name: str,
+    data: MMapIndexedDataset,
+    documents: np.ndarray,
+    num_samples: int,
+    label: MMapIndexedDataset | None,
+) -> GPT2Dataset:
+    logger.info("%s: %d documents of %s", name, len(documents), data.path_prefix)
+    return GPT2Dataset(
+        name,
+        data,
+        documents,
+        num_samples,
+        args.seq_length,
+        args.seed,
+        pack_impl=getattr(args, "pack_impl", "packed"),
+        allow_chopped=getattr(args, "allow_chopped", True),
+        label_dataset=label,
+    )
+
+
+def split_weights(args: Any, split: str, datasets: Sequence[MMapIndexedDataset]) -> np.ndarray:
+    """The normalised blending weights of a split: `{split}_data_weights` (default equal), or
+    NeoX's document-count weights with `weight_by_num_documents`."""
+    if getattr(args, "weight_by_num_documents", False):
+        alpha = getattr(args, "weighted_sampler_alpha", 1.0)
+        return weights_by_num_documents([len(d) for d in datasets], alpha)
+    key = f"{split}_data_weights"
+    weights = getattr(args, key, None) or [1.0] * len(datasets)
+    if len(weights) != len(datasets):
         raise ValueError(
-            f"{key} lists {len(paths)} datasets; blending several datasets per split is not "
-            "supported yet, give one path per split"
+            f"{key} has {len(weights)} entries but {split}_data_paths has {len(datasets)}"
         )
-    return paths[0] if paths else None
+    return normalize_weights(weights, key)
+
+
+def _build_split(args: Any, split: str, num_samples: int) -> Dataset | None:
+    """One split from `{split}_data_paths`: a dataset, or a blend of several."""
+    paths = _paths(args, f"{split}_data_paths")
+    if num_samples <= 0 or not paths:
+        return None
+    datas = [MMapIndexedDataset(p) for p in paths]
+    labels = _open_labels(args, f"{split}_label_data_paths", len(datas))
+    if len(datas) == 1:
+        return _gpt2(args, split, datas[0], np.arange(len(datas[0])), num_samples, labels[0])
+    weights = split_weights(args, split, datas)
+    drawn = samples_drawn(weights, num_samples)
+    members = [
+        _gpt2(args, f"{split}_{i}", data, np.arange(len(data)), int(n), label) if n else None
+        for i, (data, label, n) in enumerate(zip(datas, labels, drawn))
+    ]
+    return BlendableDataset(members, weights, num_samples, labels=paths)
 
 
 def build_train_valid_test_datasets(
     args: Any, num_samples: Sequence[int]
-) -> tuple[GPT2Dataset | None, GPT2Dataset | None, GPT2Dataset | None]:
+) -> tuple[Dataset | None, Dataset | None, Dataset | None]:
     """Datasets for (train, valid, test) serving at least `num_samples[i]` samples each.
 
-    Reads `data_path` + `split`, or `train_data_paths`/`valid_data_paths`/`test_data_paths`
-    (which win, as in NeoX), and `seq_length`, `seed`, `data_impl`. A split with no samples
-    requested or no documents is None.
+    Reads `data_path` + `split` (+ `label_data_paths`), or `{split}_data_paths` with
+    `{split}_data_weights` / `weight_by_num_documents` and `{split}_label_data_paths` (which win,
+    as in NeoX), and `seq_length`, `seed`, `pack_impl`, `allow_chopped`, `data_impl`. A split
+    with no samples requested or no documents is None.
     """
     if getattr(args, "dataset_impl", "gpt2") == "pairwise":
         # DPO / reward-model data: chosen and rejected documents side by side.
         from megatron.data.pairwise_dataset import build_pairwise_datasets
 
         return build_pairwise_datasets(args, num_samples)
+    if getattr(args, "train_impl", "normal") == "kto":
+        # KTO: one document per sample with its reward.
+        from megatron.data.pairwise_dataset import build_kto_datasets
+
+        return build_kto_datasets(args, num_samples)
     data_impl = getattr(args, "data_impl", "mmap")
     if data_impl != "mmap":
         raise ValueError(f"data_impl {data_impl!r} is not supported; only 'mmap' is")
     if len(num_samples) != 3:
         raise ValueError(f"num_samples must be (train, valid, test), got {num_samples!r}")
 
-    def make(
-        name: str, data: MMapIndexedDataset, start: int, stop: int, n: int
-    ) -> GPT2Dataset | None:
-        if n <= 0 or stop <= start:
-            return None
-        documents = np.arange(start, stop, dtype=np.int64)
-        logger.info("%s: documents [%d, %d) of %s", name, start, stop, data.path_prefix)
-        return GPT2Dataset(name, data, documents, n, args.seq_length, args.seed)
-
     if getattr(args, "train_data_paths", None):
-        datasets = []
-        for name, n in zip(SPLIT_NAMES, num_samples):
-            path = _single_path(args, f"{name}_data_paths")
-            data = MMapIndexedDataset(path) if path and n > 0 else None
-            datasets.append(make(name, data, 0, len(data), n) if data else None)
-        return tuple(datasets)
+        return tuple(_build_split(args, s, n) for s, n in zip(SPLIT_NAMES, num_samples))
 
     data_path = getattr(args, "data_path", None)
     if not data_path:
         raise ValueError("no training data: set data_path, or train_data_paths")
     data = MMapIndexedDataset(data_path)
+    (label,) = _open_labels(args, "label_data_paths", 1)
     bounds = get_train_valid_test_split(getattr(args, "split", "969,30,1"), len(data))
-    return tuple(
-        make(name, data, bounds[i], bounds[i + 1], n)
-        for i, (name, n) in enumerate(zip(SPLIT_NAMES, num_samples))
+    datasets = []
+    for i, (name, n) in enumerate(zip(SPLIT_NAMES, num_samples)):
+        documents = np.arange(bounds[i], bounds[i + 1], dtype=np.int64)
+        datasets.append(
+            _gpt2(args, name, data, documents, n, label) if n and len(documents) else None
+        )
+    return tuple(datasets)
+
+
+def describe_dataset(split: str, dataset: Dataset | None) -> str:
+    """What a split serves: its mixture for a blend, else its size in samples and epochs."""
+    if isinstance(dataset, BlendableDataset):
+        per_epoch = [None if d is None else d.samples_per_epoch for d in dataset.datasets]
+        return mixture_table(split, dataset.labels, dataset.weights, dataset.drawn, per_epoch)
+    if dataset is None:
+        return f"{split} data: none"
+    if not isinstance(dataset, GPT2Dataset):
+        return f"{split} data: {len(dataset):,} samples ({type(dataset).__name__})"
+    return (
+        f"{split} data: {dataset.indexed_dataset.path_prefix}: {dataset.num_samples:,} samples "
+        f"= {dataset.num_samples / dataset.samples_per_epoch:.3f} epochs of "
+        f"{dataset.samples_per_epoch:,} ({dataset.pack_impl})"
+    )
+
+
+# --- train_epochs ----------------------------------------------------------------------------
+
+
+def train_epoch_samples(args: Any, num_epochs: int) -> tuple[int, int]:
+    """(samples in one epoch, samples in `num_epochs` epochs) of the training data, as the
+    training index cuts them."""
+    paths = _paths(args, "train_data_paths")
+    if len(paths) > 1:
+        raise ValueError(
+            f"train_epochs needs one training dataset; train_data_paths lists {len(paths)} "
+            "(a blend has no single epoch): set train_iters"
+        )
+    if paths:
+        data = MMapIndexedDataset(paths[0])
+        (label,) = _open_labels(args, "train_label_data_paths", 1)
+        documents = np.arange(len(data), dtype=np.int64)
+    else:
+        data_path = getattr(args, "data_path", None)
+        if not data_path:
+            raise ValueError("no training data: set data_path, or train_data_paths")
+        data = MMapIndexedDataset(data_path)
+        (label,) = _open_labels(args, "label_data_paths", 1)
+        bounds = get_train_valid_test_split(getattr(args, "split", "969,30,1"), len(data))
+        documents = np.arange(bounds[0], bounds[1], dtype=np.int64)
+    pack_impl = getattr(args, "pack_impl", "packed")
+    options = dict(pack_impl=pack_impl, allow_chopped=getattr(args, "allow_chopped", True))
+    if label is not None and pack_impl in DOCUMENTWISE:
+        options["eligible"] = labelled_documents(label, documents, args.seq_length + 1)
+    sizes = data.sizes[documents]
+    try:
+        return tuple(
+            epoch_samples(sizes, args.seq_length, args.seed, num_epochs=n, **options)
+            for n in (1, num_epochs)
+        )
+    except ValueError as err:
+        raise DatasetError(f"train split of {data.path_prefix} is too small: {err}") from err
+
+
+def train_iters_for_epochs(args: Any) -> tuple[int, int, int]:
+    """(train_iters, samples per epoch, samples in train_epochs epochs) for `train_epochs`: the
+    most whole optimizer steps whose samples fit in train_epochs passes over the training data
+    (so no sample is seen more than train_epochs times)."""
+    per_epoch, total = train_epoch_samples(args, args.train_epochs)
+    iters = total // args.train_batch_size
+    if iters < 1:
+        raise DatasetError(
+            f"train_epochs={args.train_epochs}: the training data gives {total} samples, fewer "
+            f"than one batch of train_batch_size={args.train_batch_size}"
+        )
+    return iters, per_epoch, total
+
+
+def resolve_train_epochs(args: Any) -> str:
+    """Set train_iters (and what follows from it: lr_decay_iters, save_iters) from
+    train_epochs and the training data; returns the line saying how it was derived."""
+    from megatron.neox_arguments import ConfigError
+    from megatron.neox_arguments.derive import _save_iters
+
+    if args.train_epochs is None:
+        raise ConfigError("set train_iters or train_epochs: the run needs a length")
+    iters, per_epoch, total = train_iters_for_epochs(args)
+    args.train_iters = iters
+    if args.lr_decay_iters is None:
+        fraction = getattr(args, "lr_decay_fraction", None)
+        args.lr_decay_iters = int(fraction * iters) if fraction else iters
+    args.save_iters = _save_iters(args)
+    return (
+        f"train_epochs={args.train_epochs}: {total:,} samples ({per_epoch:,} per epoch) / "
+        f"train_batch_size {args.train_batch_size} -> train_iters={iters:,}"
     )
 
 

@@ -1,107 +1,101 @@
-"""Packed language-model samples over an indexed dataset (GPT-NeoX's GPT2Dataset semantics).
+"""Language-model samples over an indexed dataset (GPT-NeoX's GPT2Dataset semantics).
 
-The documents of a split are laid end to end, reshuffled every epoch, and cut into samples of
-`seq_length + 1` tokens; each sample's last token is the next sample's first (the model predicts
-tokens 1..seq_length from tokens 0..seq_length-1). Three int64 arrays describe this:
-
-* doc_idx     [epochs * num_docs]      document order (each epoch a fresh permutation)
-* sample_idx  [num_built + 1, 2]       (position in doc_idx, token offset) where each sample starts;
-                                       sample i ends at row i + 1, inclusive
-* shuffle_idx [num_built]              the order in which samples are served
-
-All three are built with vectorised NumPy from the document sizes alone (`build_index`).
+The index (which documents, in which order, cut where, served when) comes from
+`megatron.data.sample_index` and is cached on disk by `megatron.data.index_cache`. Items are
+`{"text": int64[seq_length + 1]}`, plus `"label"` of the same shape when a label dataset (same
+document sizes, -100 = no loss) is given. Samples shorter than `seq_length + 1` tokens (whole-
+document `pack_impl`s) are padded as NeoX pads them: text with -100 when there are no labels
+(the batch code masks negative targets and feeds padding as token 0), else text with 0 and labels
+with -100.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import os
 
 import numpy as np
 import torch
 
-from megatron.data.indexed_dataset import DatasetError, MMapIndexedDataset
+from megatron.data import index_cache
+from megatron.data.indexed_dataset import (
+    DatasetError,
+    MMapIndexedDataset,
+    data_file_path,
+    index_file_path,
+)
+from megatron.data.sample_index import DOCUMENTWISE, IndexArrays, build_index, validate
+
+# Tokens of the label .bin file examined per step when looking for documents with labels.
+_LABEL_CHUNK_TOKENS = 1 << 24
+IGNORE_INDEX = -100
 
 
-class IndexArrays(NamedTuple):
-    doc_idx: np.ndarray
-    sample_idx: np.ndarray
-    shuffle_idx: np.ndarray
+def dataset_files(*datasets: MMapIndexedDataset | None) -> list[str]:
+    """The files an index over these datasets depends on."""
+    files = []
+    for data in datasets:
+        if data is not None:
+            files += [index_file_path(data.path_prefix), data_file_path(data.path_prefix)]
+    return files
 
 
-def num_epochs_needed(tokens_per_epoch: int, seq_length: int, num_samples: int) -> int:
-    """Fewest epochs whose tokens give `num_samples` samples (samples share one token)."""
-    # Samples available after E epochs: (E * tokens_per_epoch - 1) // seq_length.
-    return max(1, -(-(num_samples * seq_length + 1) // tokens_per_epoch))
-
-
-def build_doc_idx(num_docs: int, num_epochs: int, rng: np.random.Generator) -> np.ndarray:
-    """Document order: one independent permutation of `range(num_docs)` per epoch."""
-    if num_docs == 0:
-        return np.zeros(0, dtype=np.int64)
-    return np.concatenate([rng.permutation(num_docs) for _ in range(num_epochs)]).astype(np.int64)
-
-
-def build_sample_idx(sizes: np.ndarray, doc_idx: np.ndarray, seq_length: int) -> np.ndarray:
-    """Start (doc_idx position, offset) of every sample of the stream `sizes[doc_idx]`, plus the end.
-
-    Sample i covers stream tokens [i * seq_length, (i + 1) * seq_length], so boundary i is the
-    stream token i * seq_length, found by binary search in the cumulative document ends.
-    """
-    lengths = np.asarray(sizes, dtype=np.int64)[doc_idx]
-    ends = np.cumsum(lengths)
-    total = int(ends[-1]) if len(ends) else 0
-    if total == 0:
-        raise ValueError("cannot cut samples from documents holding no tokens")
-    num_built = (total - 1) // seq_length
-    boundaries = np.arange(num_built + 1, dtype=np.int64) * seq_length
-    # side="right" skips empty documents: a position belongs to the first document ending past it.
-    position = np.searchsorted(ends, boundaries, side="right")
-    offset = boundaries - (ends[position] - lengths[position])
-    return np.stack([position, offset], axis=1).astype(np.int64)
-
-
-def build_shuffle_idx(
-    num_built: int, num_full_epoch_samples: int, rng: np.random.Generator
-) -> np.ndarray:
-    """Serving order: the samples of the complete epochs shuffled together, then the last epoch's.
-
-    Keeping the last, partly used epoch apart means every sample of the earlier epochs is served
-    exactly once before any sample of the last one (as Megatron-LM's separate_last_epoch does).
-    """
-    head = rng.permutation(num_full_epoch_samples)
-    tail = num_full_epoch_samples + rng.permutation(num_built - num_full_epoch_samples)
-    return np.concatenate([head, tail]).astype(np.int64)
-
-
-def build_index(sizes: np.ndarray, num_samples: int, seq_length: int, seed: int) -> IndexArrays:
-    """doc_idx, sample_idx and shuffle_idx for at least `num_samples` samples.
-
-    `sizes` are the token counts of the documents in use; doc_idx holds positions in `sizes`.
-    Raises ValueError when the documents hold fewer than `seq_length + 1` tokens.
-    """
-    sizes = np.asarray(sizes, dtype=np.int64)
-    if seq_length < 1:
-        raise ValueError(f"seq_length must be at least 1, got {seq_length}")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
-    tokens_per_epoch = int(sizes.sum())
-    if tokens_per_epoch < seq_length + 1:
-        raise ValueError(
-            f"{len(sizes)} documents hold {tokens_per_epoch} tokens, fewer than one sample of "
-            f"seq_length + 1 = {seq_length + 1}"
+def check_labels_match(text: MMapIndexedDataset, label: MMapIndexedDataset) -> None:
+    """Labels must be aligned with their text token for token."""
+    if len(text) != len(label) or not np.array_equal(text.sizes, label.sizes):
+        mismatch = np.flatnonzero(text.sizes[: len(label)] != label.sizes[: len(text)])
+        where = (
+            f"sequence {int(mismatch[0])} holds {int(text.sizes[mismatch[0]])} tokens vs "
+            f"{int(label.sizes[mismatch[0]])}"
+            if len(mismatch)
+            else f"{len(text)} vs {len(label)} sequences"
         )
-    num_epochs = num_epochs_needed(tokens_per_epoch, seq_length, num_samples)
-    rng = np.random.default_rng(seed)
-    doc_idx = build_doc_idx(len(sizes), num_epochs, rng)
-    sample_idx = build_sample_idx(sizes, doc_idx, seq_length)
-    num_built = len(sample_idx) - 1
-    num_full_epoch_samples = ((num_epochs - 1) * tokens_per_epoch - 1) // seq_length
-    shuffle_idx = build_shuffle_idx(num_built, max(0, num_full_epoch_samples), rng)
-    return IndexArrays(doc_idx, sample_idx, shuffle_idx)
+        raise DatasetError(
+            f"label dataset {label.path_prefix} does not match {text.path_prefix}: {where}; "
+            "labels need the same sequences and lengths as their text"
+        )
+
+
+def labelled_documents(label: MMapIndexedDataset, documents: np.ndarray, limit: int) -> np.ndarray:
+    """Positions in `documents` with at least one label >= 0 among their first `limit` tokens.
+
+    Reads the label file in chunks of about 16M tokens: a running count of non-negative labels
+    gives each document's count as a difference of two entries.
+    """
+    documents = np.asarray(documents, dtype=np.int64)
+    if label.dtype.kind == "u":
+        return np.arange(len(documents))
+    tokens = label.tokens
+    starts = label.pointers[documents] // label.itemsize
+    lengths = np.minimum(label.sizes[documents].astype(np.int64), limit)
+    order = np.argsort(starts, kind="stable")
+    sorted_starts = starts[order]
+    keep = np.zeros(len(documents), dtype=bool)
+    first = 0
+    while first < len(order):
+        base = int(sorted_starts[first])
+        last = max(first + 1, int(np.searchsorted(sorted_starts, base + _LABEL_CHUNK_TOKENS)))
+        chunk = order[first:last]
+        local = starts[chunk] - base
+        stop = int((local + lengths[chunk]).max())
+        counts = np.zeros(stop + 1, dtype=np.int64)
+        np.cumsum(tokens[base : base + stop] >= 0, out=counts[1:])
+        keep[chunk] = counts[local + lengths[chunk]] > counts[local]
+        first = last
+    return np.flatnonzero(keep)
+
+
+def _pad(values: np.ndarray, length: int, fill: int) -> np.ndarray:
+    out = np.full(length, fill, dtype=np.int64)
+    out[: len(values)] = values
+    return out
 
 
 class GPT2Dataset(torch.utils.data.Dataset):
-    """Item i -> {"text": int64 array of seq_length + 1 tokens}, served in shuffled order."""
+    """Item i -> {"text": int64 array of seq_length + 1 tokens} (+ "label"), in shuffled order.
+
+    `documents` are the sequence indices of `indexed_dataset` this dataset draws from (a split);
+    at least `num_samples` samples are available (whole epochs are built, so usually more).
+    """
 
     def __init__(
         self,
@@ -111,42 +105,101 @@ class GPT2Dataset(torch.utils.data.Dataset):
         num_samples: int,
         seq_length: int,
         seed: int,
+        *,
+        pack_impl: str = "packed",
+        allow_chopped: bool = True,
+        label_dataset: MMapIndexedDataset | None = None,
     ) -> None:
         self.name = name
         self.indexed_dataset = indexed_dataset
+        self.label_dataset = label_dataset
         self.seq_length = seq_length
+        self.num_samples = num_samples
+        self.pack_impl = pack_impl
+        self.allow_chopped = allow_chopped
+        prefix = indexed_dataset.path_prefix
         documents = np.asarray(documents, dtype=np.int64)
         if len(documents) and (documents.min() < 0 or documents.max() >= len(indexed_dataset)):
             raise ValueError(
-                f"documents of {name} fall outside [0, {len(indexed_dataset)}) "
-                f"for {indexed_dataset.path_prefix}"
+                f"documents of {name} fall outside [0, {len(indexed_dataset)}) for {prefix}"
             )
+        if label_dataset is not None:
+            check_labels_match(indexed_dataset, label_dataset)
+        sizes = indexed_dataset.sizes[documents].astype(np.int64)
         try:
-            index = build_index(indexed_dataset.sizes[documents], num_samples, seq_length, seed)
+            # Cheap, on every process: none may wait for a build that was bound to fail.
+            validate(sizes, seq_length, pack_impl, allow_chopped)
         except ValueError as err:
-            raise DatasetError(
-                f"{name} split of {indexed_dataset.path_prefix} is too small: {err}"
-            ) from err
-        # doc_idx addresses sequences of the indexed dataset directly from here on.
-        self.doc_idx = documents[index.doc_idx]
-        self.sample_idx = index.sample_idx
-        self.shuffle_idx = index.shuffle_idx
+            raise DatasetError(f"{name} split of {prefix} is too small: {err}") from err
+
+        def build() -> IndexArrays:
+            eligible = None
+            if label_dataset is not None and pack_impl in DOCUMENTWISE:
+                eligible = labelled_documents(label_dataset, documents, seq_length + 1)
+            try:
+                index = build_index(
+                    sizes, num_samples, seq_length, seed, pack_impl, allow_chopped, eligible
+                )
+            except ValueError as err:
+                raise DatasetError(f"{name} split of {prefix}: {err}") from err
+            # From here on doc_idx holds sequence indices of the indexed dataset.
+            return index._replace(doc_idx=documents[index.doc_idx])
+
+        key = index_cache.cache_key(
+            dataset_files(indexed_dataset, label_dataset),
+            documents,
+            num_samples=num_samples,
+            seq_length=seq_length,
+            seed=seed,
+            pack_impl=pack_impl,
+            allow_chopped=allow_chopped,
+        )
+        stem = (
+            f"{os.path.basename(prefix)}_{name}_indexmap_{num_samples}ns_{seq_length}sl_"
+            f"{seed}s_{pack_impl}_{key}"
+        )
+        directories = [os.path.dirname(os.path.abspath(prefix)), index_cache.fallback_dir()]
+        index = index_cache.load_or_build(index_cache.IndexCache(directories, stem), build)
+        self.doc_idx, self.sample_idx, self.shuffle_idx, self.epoch_ends = index
+
+    @property
+    def num_epochs(self) -> int:
+        return len(self.epoch_ends)
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return int(self.epoch_ends[0])
 
     def __len__(self) -> int:
         return len(self.shuffle_idx)
+
+    def _packed(self, data: MMapIndexedDataset, sample: int) -> np.ndarray:
+        first, first_offset = (int(v) for v in self.sample_idx[sample])
+        last, last_offset = (int(v) for v in self.sample_idx[sample + 1])
+        if first == last:
+            return data.get(self.doc_idx[first], first_offset, last_offset - first_offset + 1)
+        pieces = [data.get(self.doc_idx[first], first_offset)]
+        pieces += [data.get(self.doc_idx[k]) for k in range(first + 1, last)]
+        pieces.append(data.get(self.doc_idx[last], 0, last_offset + 1))
+        return np.concatenate(pieces)
+
+    def _documents(self, data: MMapIndexedDataset, sample: int) -> np.ndarray:
+        first, last = int(self.sample_idx[sample, 0]), int(self.sample_idx[sample + 1, 0])
+        limit = self.seq_length + 1
+        pieces = []
+        for position in range(first, last):
+            doc = int(self.doc_idx[position])
+            pieces.append(data.get(doc, 0, min(int(data.sizes[doc]), limit)))
+        return np.concatenate(pieces)[:limit]
 
     def __getitem__(self, idx: int) -> dict[str, np.ndarray]:
         if not 0 <= idx < len(self):
             raise IndexError(f"sample {idx} out of range for {self.name} ({len(self)} samples)")
         sample = int(self.shuffle_idx[idx])
-        first, first_offset = (int(v) for v in self.sample_idx[sample])
-        last, last_offset = (int(v) for v in self.sample_idx[sample + 1])
-        data = self.indexed_dataset
-        if first == last:
-            tokens = data.get(self.doc_idx[first], first_offset, last_offset - first_offset + 1)
-        else:
-            pieces = [data.get(self.doc_idx[first], first_offset)]
-            pieces += [data.get(self.doc_idx[k]) for k in range(first + 1, last)]
-            pieces.append(data.get(self.doc_idx[last], 0, last_offset + 1))
-            tokens = np.concatenate(pieces)
-        return {"text": tokens.astype(np.int64)}
+        read = self._documents if self.pack_impl in DOCUMENTWISE else self._packed
+        length = self.seq_length + 1
+        text = read(self.indexed_dataset, sample)
+        if self.label_dataset is None:
+            return {"text": _pad(text, length, IGNORE_INDEX)}
+        label = read(self.label_dataset, sample)
+        return {"text": _pad(text, length, 0), "label": _pad(label, length, IGNORE_INDEX)}

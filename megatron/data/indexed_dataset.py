@@ -17,6 +17,7 @@ A dataset is a pair of files sharing a prefix:
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 import uuid
 from array import array
@@ -160,6 +161,11 @@ class MMapIndexedDataset:
         """Sequence index where each document starts, followed by the end (int64)."""
         return self._doc_idx
 
+    @property
+    def tokens(self) -> np.ndarray:
+        """Every token of the `.bin` file as one memory-mapped array."""
+        return np.frombuffer(self._bin, dtype=self._dtype)
+
     def __len__(self) -> int:
         return len(self._sizes)
 
@@ -190,6 +196,17 @@ class MMapIndexedDataset:
                 raise ValueError("slices of an indexed dataset must be contiguous (step 1)")
             return [self.get(i) for i in range(start, stop)]
         return self.get(index)
+
+
+def check_doc_idx(dataset: MMapIndexedDataset) -> None:
+    """Raise unless `dataset.doc_idx` rises from 0 to its number of sequences."""
+    doc_idx, n = dataset.doc_idx, len(dataset)
+    if len(doc_idx) == 0 or doc_idx[0] != 0 or doc_idx[-1] != n or np.any(np.diff(doc_idx) < 0):
+        raise DatasetError(
+            f"{index_file_path(dataset.path_prefix)}: doc_idx must rise from 0 to the number of "
+            f"sequences ({n}), got {len(doc_idx)} entries "
+            f"{doc_idx[:3].tolist()}...{doc_idx[-2:].tolist()}"
+        )
 
 
 class MMapIndexedDatasetBuilder:
@@ -231,6 +248,28 @@ class MMapIndexedDatasetBuilder:
     def end_document(self) -> None:
         """Mark the sequences added since the last call as one document."""
         self._doc_idx.append(len(self._sizes))
+
+    def add_dataset(self, dataset: MMapIndexedDataset, chunk_bytes: int = 1 << 24) -> None:
+        """Append all of `dataset`'s sequences and documents; its `.bin` is copied in chunks."""
+        source = data_file_path(dataset.path_prefix)
+        if dataset.dtype != self.dtype:
+            raise DatasetError(
+                f"{source} holds {dataset.dtype} tokens but {self.bin_path} is {self.dtype}; "
+                "datasets must share a dtype"
+            )
+        if self._doc_idx[-1] != len(self._sizes):
+            raise ValueError("call end_document before add_dataset: a document is still open")
+        sizes, doc_idx = dataset.sizes.astype(np.int64), dataset.doc_idx
+        starts = np.zeros_like(sizes)
+        np.cumsum(sizes[:-1] * self.dtype.itemsize, out=starts[1:])
+        if not np.array_equal(dataset.pointers, starts):
+            raise DatasetError(f"{source}: sequences are not stored back to back; cannot copy it")
+        check_doc_idx(dataset)
+        self._doc_idx.frombytes((doc_idx[1:] + len(self._sizes)).astype(np.int64).tobytes())
+        self._sizes.frombytes(sizes.tobytes())
+        with open(source, "rb") as f:
+            shutil.copyfileobj(f, self._bin_file, chunk_bytes)
+        self.num_tokens += int(sizes.sum())
 
     def finalize(self, idx_path: str | os.PathLike[str]) -> None:
         """Write the index and move both files to their final names."""

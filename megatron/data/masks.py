@@ -39,11 +39,13 @@ def get_ltor_batch(
     """Split `text` into inputs and next-token targets.
 
     `label` ([b, s + 1], optional) replaces the targets; entries < 0 (-100) carry no loss.
+    Negative `text` entries are padding (NeoX pads whole-document samples with -100): they carry
+    no loss either and enter the model as token 0.
     `eod_mask_loss` drops the loss where the *input* token is EOD (as NeoX does).
     `reset_position_ids` restarts positions after each EOD; `reset_attention_mask` stops tokens
     from attending across documents packed into one sample (a block-causal mask).
     """
-    tokens = text[:, :-1].contiguous()
+    tokens = text[:, :-1].clamp(min=0)
     targets = text[:, 1:] if label is None else label[:, 1:]
     loss_mask = targets >= 0
     labels = torch.where(loss_mask, targets, torch.zeros_like(targets)).contiguous()

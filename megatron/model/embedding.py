@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron.model.init_methods import build_init_method
-from megatron.model.positional import LearnedPositionEmbedding, pos_emb_kind
+from megatron.model.mup import mark_width_independent
+from megatron.model.positional import build_embedding_positions
 from megatron.mpu.layers import VocabParallelEmbedding
 from megatron.mpu.random import init_rng
 
@@ -20,19 +21,21 @@ class EmbeddingLayer(nn.Module):
     def __init__(self, args: Any) -> None:
         super().__init__()
         self.hidden_dropout = args.hidden_dropout
+        # muP's embedding multiplier (tuned on the base model, kept as the width grows).
+        self.output_mult = args.mup_embedding_mult if args.use_mup else 1.0
         with init_rng(args.seed, EMBEDDING_INIT_STREAM):
-            init_method = build_init_method(args, "init_method")
+            init_method = build_init_method(args, "init_method", role="input")
             self.word_embeddings = VocabParallelEmbedding(
                 args.padded_vocab_size,
                 args.hidden_size,
                 init_method=init_method,
                 params_dtype=args.params_dtype,
             )
-            self.position_embeddings = None
-            if pos_emb_kind(args) == "learned":
-                self.position_embeddings = LearnedPositionEmbedding(
-                    args.max_position_embeddings, args.hidden_size, init_method, args.params_dtype
-                )
+            # Learned or sinusoidal positions (pos_emb registry); None for the other kinds.
+            self.position_embeddings = build_embedding_positions(args, init_method)
+
+        for param in self.parameters():  # input weights: muP keeps their learning rate
+            mark_width_independent(param)
 
     def forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None
@@ -43,4 +46,6 @@ class EmbeddingLayer(nn.Module):
             if position_ids is None:
                 position_ids = torch.arange(input_ids.size(1), device=input_ids.device)
             h = h + self.position_embeddings(position_ids)
+        if self.output_mult != 1.0:
+            h = h * self.output_mult
         return F.dropout(h, self.hidden_dropout, self.training)

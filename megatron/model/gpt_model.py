@@ -10,6 +10,8 @@ from torch import nn
 
 from megatron.model.embedding import EmbeddingLayer
 from megatron.model.init_methods import build_init_method
+from megatron.model.kv_cache import KVCache
+from megatron.model.mup import mark_width_independent, width_multiplier
 from megatron.model.norms import build_norm
 from megatron.model.transformer import TransformerLayer
 from megatron.mpu.layers import partitioned_parameter
@@ -40,7 +42,8 @@ class LMHead(nn.Module):
     """Projection to the padded vocabulary; tied to ``tied_embedding``'s word embeddings if given.
 
     A tied head registers no parameter of its own, so the state dict holds the shared weight
-    once, under the embedding's name.
+    once, under the embedding's name. Under muP the logits are multiplied by
+    ``mup_output_temp / m`` (m = hidden_size / mup_base_width).
     """
 
     def __init__(
@@ -51,15 +54,18 @@ class LMHead(nn.Module):
     ) -> None:
         super().__init__()
         self.parallel_output = parallel_output
+        self.output_mult = args.mup_output_temp / width_multiplier(args) if args.use_mup else 1.0
         # Bypass Module.__setattr__: the embedding must not become a second parent of its weight.
         object.__setattr__(self, "tied_embedding", tied_embedding)
         if tied_embedding is None:
             with init_rng(args.seed, args.num_layers + 1):
-                self.weight = partitioned_parameter(
-                    (args.padded_vocab_size, args.hidden_size),
-                    0,
-                    build_init_method(args, "init_method"),
-                    args.params_dtype,
+                self.weight = mark_width_independent(
+                    partitioned_parameter(
+                        (args.padded_vocab_size, args.hidden_size),
+                        0,
+                        build_init_method(args, "init_method", role="output"),
+                        args.params_dtype,
+                    )
                 )
 
     def output_weight(self) -> torch.Tensor:
@@ -70,6 +76,8 @@ class LMHead(nn.Module):
         )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.output_mult != 1.0:
+            hidden = hidden * self.output_mult
         return lm_logits(hidden, self.output_weight(), self.parallel_output)
 
 
@@ -96,15 +104,22 @@ class GPTModel(nn.Module):
         input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
         """[b, s] token ids -> [b, s, padded_vocab] logits in the parameters' dtype.
 
         ``attention_mask``: boolean, True where a query may attend to a key, broadcastable to
-        [b, heads, s, s]; None means causal.
+        [b, 1, s, s]; attention is causal and the mask restricts it further. With ``kv_cache``
+        (docs/interfaces.md) the tokens follow the cached ones: the mask is [b, 1, s,
+        cache.length + s] and positions default to cache.length + 0..s-1.
         """
+        if kv_cache is not None and position_ids is None:
+            position_ids = kv_cache.positions(input_ids.size(1), input_ids.device)
         h = self.embedding(input_ids, position_ids)
         for layer in self.layers:
-            h = layer(h, position_ids, attention_mask)
+            h = layer(h, position_ids, attention_mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(input_ids.size(1))
         return self.lm_head(self.final_norm(h))
 
 

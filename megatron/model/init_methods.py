@@ -1,56 +1,110 @@
 """Weight initialisation registry (NeoX's ``init_method`` / ``output_layer_init_method`` keys).
 
-A factory takes the NeoX arguments and returns an in-place init function for one tensor.
+An entry builds an in-place init function from the NeoX arguments and the hidden width its
+formula uses (``small_init`` and ``wang_init`` depend on it). Under muP the formulas are evaluated
+at the base width and rescaled by the weight's muP role (see megatron/model/mup.py);
+methods whose scale comes from the tensor's own shape (xavier, orthogonal) cannot be rescaled
+that way and are refused with ``use_mup``, as in NeoX.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from megatron.model.mup import base_width, width_multiplier
+
 InitMethod = Callable[[torch.Tensor], torch.Tensor]
-InitMethodFactory = Callable[[Any], InitMethod]
+# (args, width) -> init function
+InitMethodBuilder = Callable[[Any, int], InitMethod]
+# What a weight is to muP: an input embedding, a hidden matrix or the output layer.
+Role = Literal["input", "hidden", "output"]
 
-INIT_METHODS: dict[str, InitMethodFactory] = {}
+
+@dataclass(frozen=True)
+class InitMethodSpec:
+    build: InitMethodBuilder
+    mup: bool  # the scale is a formula muP may evaluate at the base width
 
 
-def register_init_method(name: str, factory: InitMethodFactory) -> None:
-    INIT_METHODS[name] = factory
+INIT_METHODS: dict[str, InitMethodSpec] = {}
+
+
+def register_init_method(name: str, build: InitMethodBuilder, *, mup: bool = True) -> None:
+    """Make ``init_method: <name>`` use ``build(args, width)``; ``mup=False`` refuses use_mup."""
+    INIT_METHODS[name] = InitMethodSpec(build, mup)
 
 
 def _normal(std: float) -> InitMethod:
     return partial(nn.init.normal_, mean=0.0, std=std)
 
 
-register_init_method("normal", lambda args: _normal(args.init_method_std))
-register_init_method(
-    "scaled_normal", lambda args: _normal(args.init_method_std / math.sqrt(2.0 * args.num_layers))
-)
+def _scaled_normal(args: Any, residuals_per_layer: int) -> InitMethod:
+    return _normal(args.init_method_std / math.sqrt(residuals_per_layer * args.num_layers))
+
+
+register_init_method("normal", lambda args, width: _normal(args.init_method_std))
+# GPT-2: residual outputs shrink with depth (two residual branches per layer).
+register_init_method("scaled_normal", lambda args, width: _scaled_normal(args, 2))
+# Mamba-style blocks have one residual branch per layer.
+register_init_method("single_residual_scaled_normal", lambda args, width: _scaled_normal(args, 1))
 # Nguyen & Salazar (2019), "Transformers without Tears".
-register_init_method("small_init", lambda args: _normal(math.sqrt(2.0 / (5.0 * args.hidden_size))))
+register_init_method("small_init", lambda args, width: _normal(math.sqrt(2.0 / (5.0 * width))))
 # GPT-J / GPT-NeoX-20B output-layer init.
 register_init_method(
-    "wang_init", lambda args: _normal(2.0 / args.num_layers / math.sqrt(args.hidden_size))
+    "wang_init", lambda args, width: _normal(2.0 / args.num_layers / math.sqrt(width))
 )
-register_init_method("xavier_uniform", lambda args: nn.init.xavier_uniform_)
-register_init_method("xavier_normal", lambda args: nn.init.xavier_normal_)
-register_init_method("orthogonal", lambda args: partial(nn.init.orthogonal_, gain=math.sqrt(2.0)))
+register_init_method("xavier_uniform", lambda args, width: nn.init.xavier_uniform_, mup=False)
+register_init_method("xavier_normal", lambda args, width: nn.init.xavier_normal_, mup=False)
+register_init_method(
+    "orthogonal", lambda args, width: partial(nn.init.orthogonal_, gain=math.sqrt(2.0)), mup=False
+)
 register_init_method(
     "scaled_orthogonal",
-    lambda args: partial(nn.init.orthogonal_, gain=math.sqrt(2.0 / args.num_layers)),
+    lambda args, width: partial(nn.init.orthogonal_, gain=math.sqrt(2.0 / args.num_layers)),
+    mup=False,
 )
 
 
-def build_init_method(args: Any, key: str) -> InitMethod:
-    """The init function named by args.<key> (``init_method`` or ``output_layer_init_method``)."""
+def _times(init: InitMethod, factor: float) -> InitMethod:
+    def init_(tensor: torch.Tensor) -> torch.Tensor:
+        init(tensor)
+        with torch.no_grad():
+            return tensor.mul_(factor)
+
+    return init_
+
+
+def build_init_method(args: Any, key: str, role: Role = "hidden") -> InitMethod:
+    """The init function named by args.<key> (``init_method`` or ``output_layer_init_method``)
+    for a weight of the given muP ``role``."""
     name = getattr(args, key)
     if name not in INIT_METHODS:
         raise ValueError(
             f"{key}: unknown init method {name!r}; expected one of {sorted(INIT_METHODS)}"
         )
-    return INIT_METHODS[name](args)
+    spec = INIT_METHODS[name]
+    if not args.use_mup:
+        return spec.build(args, args.hidden_size)
+    if not spec.mup:
+        usable = sorted(n for n, s in INIT_METHODS.items() if s.mup)
+        raise ValueError(
+            f"{key}: {name!r} cannot be used with use_mup (its scale follows the tensor's shape, "
+            f"not a width muP can rescale); use one of {usable}"
+        )
+    # Hidden matrices: std / sqrt(m). The output layer, whose logits are divided by m: std x
+    # sqrt(m), so the logits start at the standard parametrisation's scale (as the mup package's
+    # MuReadout). Input weights: the base model's std.
+    factor = args.mup_init_scale
+    if role == "hidden":
+        factor /= math.sqrt(width_multiplier(args))
+    elif role == "output":
+        factor *= math.sqrt(width_multiplier(args))
+    init = spec.build(args, base_width(args))
+    return init if factor == 1.0 else _times(init, factor)

@@ -42,3 +42,7 @@ class KVCache:
 
     def advance(self, n: int) -> None:
         self.length += n
+
+    def positions(self, n: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """[1, n] default positions of the next n tokens: length .. length + n - 1."""
+        return torch.arange(self.length, self.length + n, device=device)[None, :]

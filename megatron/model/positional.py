@@ -1,8 +1,15 @@
-"""Positional information: rotary embeddings (applied to queries and keys) and learned
-absolute positions (added to the token embeddings)."""
+"""Positional embeddings (NeoX's ``pos_emb``): a registry of where each kind enters the model.
+
+A kind may add a vector to the token embeddings (learned, sinusoidal), rotate queries and keys
+(rotary) or bias attention scores by key distance (ALiBi, given as one slope per head so that
+every attention backend can apply it natively).
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,15 +18,61 @@ from torch import nn
 
 from megatron.mpu.layers import InitMethod, partitioned_parameter
 
-POS_EMB_CHOICES = ("rotary", "learned", "none")
+
+@dataclass(frozen=True)
+class PosEmb:
+    """The hooks of one positional-embedding kind; a hook left None is not used.
+
+    ``embedding(args, init_method)``: a module mapping position ids [b or 1, s] to [.., s, h],
+    added to the token embeddings. ``query_key(args, head_dim)``: a module with
+    ``forward(q, k, position_ids) -> (q, k)`` applied before the KV cache. ``alibi_slopes(args)``:
+    the slopes of all ``num_attention_heads`` heads (the score of key j for query i is lowered by
+    slope * (i - j)).
+    """
+
+    embedding: Callable[[Any, InitMethod], nn.Module] | None = None
+    query_key: Callable[[Any, int], nn.Module] | None = None
+    alibi_slopes: Callable[[Any], torch.Tensor] | None = None
 
 
-def pos_emb_kind(args: Any) -> str:
-    if args.pos_emb not in POS_EMB_CHOICES:
-        raise ValueError(
-            f"pos_emb: unsupported {args.pos_emb!r}; expected one of {POS_EMB_CHOICES}"
-        )
-    return args.pos_emb
+POS_EMBS: dict[str, PosEmb] = {}
+
+# NeoX values Strata knows but does not implement, with what they are.
+UNSUPPORTED_POS_EMBS = {"rpe": "T5 relative position buckets"}
+
+
+def register_pos_emb(name: str, pos_emb: PosEmb) -> None:
+    """Make ``pos_emb: <name>`` use ``pos_emb``'s hooks."""
+    POS_EMBS[name] = pos_emb
+
+
+def get_pos_emb(args: Any) -> PosEmb:
+    name = args.pos_emb
+    if name in POS_EMBS:
+        return POS_EMBS[name]
+    if name in UNSUPPORTED_POS_EMBS:
+        what = f"({UNSUPPORTED_POS_EMBS[name]}) is not supported yet"
+    else:
+        what = "is unknown"
+    raise ValueError(f"pos_emb: {name!r} {what}; expected one of {sorted(POS_EMBS)}")
+
+
+def build_embedding_positions(args: Any, init_method: InitMethod) -> nn.Module | None:
+    factory = get_pos_emb(args).embedding
+    return None if factory is None else factory(args, init_method)
+
+
+def build_query_key_positions(args: Any, head_dim: int) -> nn.Module | None:
+    factory = get_pos_emb(args).query_key
+    return None if factory is None else factory(args, head_dim)
+
+
+def build_alibi_slopes(args: Any) -> torch.Tensor | None:
+    factory = get_pos_emb(args).alibi_slopes
+    return None if factory is None else factory(args)
+
+
+# ------------------------------------------------------------------------------------ rotary
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -28,10 +81,80 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
+def _linear_scaling(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    # Position interpolation: position p is rotated as p / factor.
+    return inv_freq / float(scaling["factor"])
+
+
+def _llama3_scaling(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between."""
+    factor = float(scaling["factor"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    context = float(scaling["original_max_position_embeddings"])
+    wavelength = 2 * math.pi / inv_freq
+    # 0 for wavelengths longer than context / low, 1 for shorter than context / high.
+    ramp = ((context / wavelength - low) / (high - low)).clamp(0.0, 1.0)
+    return inv_freq / factor * (1.0 - ramp) + inv_freq * ramp
+
+
+# rope_type -> (keys it needs, inverse-frequency transform); Hugging Face's `rope_scaling` names.
+ROPE_SCALINGS: dict[
+    str, tuple[tuple[str, ...], Callable[[torch.Tensor, dict[str, Any]], torch.Tensor]]
+] = {
+    "linear": (("factor",), _linear_scaling),
+    "llama3": (
+        ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+        _llama3_scaling,
+    ),
+}
+
+
+def rope_scaling_problems(scaling: Any) -> list[str]:
+    """What is wrong with a ``rope_scaling`` dict (empty when it is usable)."""
+    if not isinstance(scaling, dict):
+        return [f"rope_scaling must be a dict with a rope_type, got {scaling!r}"]
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in ROPE_SCALINGS:
+        return [
+            f"rope_scaling: rope_type {kind!r} is not supported; expected {sorted(ROPE_SCALINGS)}"
+        ]
+    problems = []
+    needed = ROPE_SCALINGS[kind][0]
+    for key in needed:
+        value = scaling.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            problems.append(f"rope_scaling: {kind} needs {key} > 0, got {value!r}")
+    unknown = sorted(set(scaling) - set(needed) - {"rope_type", "type"})
+    if unknown:
+        problems.append(f"rope_scaling: unknown keys {unknown} for rope_type {kind!r}")
+    if (
+        not problems
+        and kind == "llama3"
+        and scaling["low_freq_factor"] >= scaling["high_freq_factor"]
+    ):
+        problems.append("rope_scaling: llama3 needs low_freq_factor < high_freq_factor")
+    return problems
+
+
+def rope_inv_freq(dim: int, base: float, scaling: dict[str, Any] | None = None) -> torch.Tensor:
+    """Inverse frequencies of the ``dim / 2`` rotated channel pairs (fp32)."""
+    # fp32 as in Hugging Face, so converted models rotate by bit-identical angles.
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if scaling:
+        problems = rope_scaling_problems(scaling)
+        if problems:
+            raise ValueError("; ".join(problems))
+        kind = scaling.get("rope_type", scaling.get("type"))
+        inv_freq = ROPE_SCALINGS[kind][1](inv_freq, scaling)
+    return inv_freq
+
+
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding over the first ``dim`` channels of each head."""
 
-    def __init__(self, dim: int, base: float, max_seq_len: int) -> None:
+    def __init__(
+        self, dim: int, base: float, max_seq_len: int, scaling: dict[str, Any] | None = None
+    ) -> None:
         super().__init__()
         if dim <= 0 or dim % 2 != 0:
             raise ValueError(
@@ -39,30 +162,31 @@ class RotaryEmbedding(nn.Module):
             )
         self.dim = dim
         self.max_seq_len = max_seq_len
-        # Plain attributes, not buffers: they stay fp32 when the model is cast to bf16/fp16.
-        self.inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Plain attributes, not buffers: they stay fp32 when the model is cast to bf16/fp16 and
+        # stay out of checkpoints (rotary_save_freqs_buffer is only a hint).
+        self.inv_freq = rope_inv_freq(dim, base, scaling)
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _angles(self, positions: torch.Tensor) -> torch.Tensor:
         freqs = positions[..., None].float() * self.inv_freq.to(positions.device)
         return torch.cat((freqs, freqs), dim=-1)
 
-    def _cached_cos_sin(
-        self, length: int, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        cache = self._cache
-        if cache is None or cache[0].device != device or cache[0].size(0) < length:
+    def _table_cos_sin(self, length: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """cos and sin of positions 0..length-1 ([length, dim], fp32), kept between calls."""
+        table = self._table
+        if table is None or table[0].device != device or table[0].size(0) < length:
             angles = self._angles(torch.arange(max(length, self.max_seq_len), device=device))
-            cache = self._cache = (angles.cos(), angles.sin())
-        return cache[0][:length], cache[1][:length]
+            table = self._table = (angles.cos(), angles.sin())
+        return table[0][:length], table[1][:length]
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate q, k [b, heads, s, head_dim]; ``position_ids`` [b, s] default to 0..s-1."""
+        """Rotate q [b, heads, s, head_dim] and k [b, kv_heads, s, head_dim]; ``position_ids``
+        [b or 1, s] default to 0..s-1."""
         if position_ids is None:
-            cos, sin = self._cached_cos_sin(q.size(2), q.device)
-        else:
+            cos, sin = self._table_cos_sin(q.size(2), q.device)
+        else:  # computed, not looked up: no device sync to size a table
             angles = self._angles(position_ids).unsqueeze(1)  # broadcast over heads
             cos, sin = angles.cos(), angles.sin()
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
@@ -71,6 +195,18 @@ class RotaryEmbedding(nn.Module):
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rot, rest = x[..., : self.dim], x[..., self.dim :]
         return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
+
+
+def _rotary(args: Any, head_dim: int) -> RotaryEmbedding:
+    return RotaryEmbedding(
+        int(head_dim * args.rotary_pct),
+        args.rotary_emb_base,
+        args.max_position_embeddings,
+        args.rope_scaling,
+    )
+
+
+# ------------------------------------------------------------------- absolute embeddings
 
 
 class LearnedPositionEmbedding(nn.Module):
@@ -90,3 +226,57 @@ class LearnedPositionEmbedding(nn.Module):
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(position_ids, self.weight)
+
+
+class SinusoidalPositionEmbedding(nn.Module):
+    """Fixed [sin(p w_i), cos(p w_i)] features (Vaswani et al.), w_i = 10000^(-2i/h)."""
+
+    def __init__(self, hidden_size: int, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if hidden_size % 2:
+            raise ValueError(f"pos_emb sinusoidal needs an even hidden_size, got {hidden_size}")
+        self.dtype = dtype
+        self.inv_freq = 1.0 / (10000 ** (torch.arange(0, hidden_size, 2).float() / hidden_size))
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        angles = position_ids[..., None].float() * self.inv_freq.to(position_ids.device)
+        return torch.cat((angles.sin(), angles.cos()), dim=-1).to(self.dtype)
+
+
+# ------------------------------------------------------------------------------------ ALiBi
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """Press et al.'s geometric slopes; for a head count that is not a power of two, those of
+    the next lower power of two followed by every other slope of twice that count."""
+
+    def power_of_two(n: int) -> list[float]:
+        start = 2.0 ** (-(2.0 ** -(math.log2(n) - 3)))
+        return [start**i for i in range(1, n + 1)]
+
+    lower = 2 ** math.floor(math.log2(num_heads))
+    slopes = power_of_two(lower)
+    if lower < num_heads:
+        slopes += power_of_two(2 * lower)[0::2][: num_heads - lower]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+register_pos_emb("none", PosEmb())
+register_pos_emb("rotary", PosEmb(query_key=_rotary))
+register_pos_emb(
+    "learned",
+    PosEmb(
+        embedding=lambda args, init: LearnedPositionEmbedding(
+            args.max_position_embeddings, args.hidden_size, init, args.params_dtype
+        )
+    ),
+)
+register_pos_emb(
+    "sinusoidal",
+    PosEmb(
+        embedding=lambda args, init: SinusoidalPositionEmbedding(
+            args.hidden_size, args.params_dtype
+        )
+    ),
+)
+register_pos_emb("alibi", PosEmb(alibi_slopes=lambda args: alibi_slopes(args.num_attention_heads)))

@@ -10,6 +10,7 @@ from torch import nn
 
 from megatron.model.attention import SelfAttention
 from megatron.model.init_methods import build_init_method
+from megatron.model.kv_cache import KVCache
 from megatron.model.mlp import MLP
 from megatron.model.norms import build_norm
 from megatron.mpu.random import init_rng
@@ -32,7 +33,7 @@ class TransformerLayer(nn.Module):
             init_method = build_init_method(args, "init_method")
             output_init_method = build_init_method(args, "output_layer_init_method")
             self.input_layernorm = build_norm(args)
-            self.attention = SelfAttention(args, init_method, output_init_method)
+            self.attention = SelfAttention(args, init_method, output_init_method, layer_number)
             tied = args.gpt_j_residual and args.gpt_j_tied
             self.post_attention_layernorm = None if tied else build_norm(args)
             self.mlp = MLP(args, init_method, output_init_method)
@@ -45,9 +46,10 @@ class TransformerLayer(nn.Module):
         x: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
         normed = self.input_layernorm(x)
-        attn = self._dropout(self.attention(normed, position_ids, attention_mask))
+        attn = self._dropout(self.attention(normed, position_ids, attention_mask, kv_cache))
         if self.parallel_residual:
             mlp_in = (
                 normed

@@ -3,7 +3,9 @@
 Every rank initialises the FULL weight with the init method (in fp32, on the CPU, from the
 same generator state) and keeps its own slice, so the values of a weight never depend on the
 tensor-parallel layout. Split parameters carry a ``partition_dim`` attribute (the dimension
-cut across tensor-parallel ranks); the checkpoint code gathers them along it.
+cut across tensor-parallel ranks) and a ``partition_stride`` (how many blocks along that dimension
+are split separately, Megatron-style: a gated MLP's ``[gate; up]`` rows have stride 2, so each
+rank holds ``[gate_r; up_r]``); the checkpoint code gathers them with ``merge_partitions``.
 """
 
 from __future__ import annotations
@@ -36,31 +38,66 @@ def divide(numerator: int, denominator: int, what: str) -> int:
     return numerator // denominator
 
 
+def split_partition(
+    full: torch.Tensor, dim: int, world: int, rank: int, stride: int = 1
+) -> torch.Tensor:
+    """Rank ``rank``'s slice of ``full``: ``full`` is cut into ``stride`` blocks along ``dim``
+    and each block into ``world`` chunks; the rank holds its chunk of every block, in order."""
+    size = full.size(dim)
+    if size % (world * stride):
+        blocks = f" x {stride} blocks" if stride > 1 else ""
+        raise ValueError(
+            f"dimension {dim} of a {tuple(full.shape)} weight ({size}) must be divisible by the "
+            f"tensor-parallel size ({world}){blocks}"
+        )
+    chunks = full.chunk(world * stride, dim=dim)
+    return torch.cat(chunks[rank::world], dim=dim)
+
+
+def merge_partitions(parts: list[torch.Tensor], dim: int, stride: int = 1) -> torch.Tensor:
+    """Inverse of ``split_partition``: the full tensor from every rank's slice (rank order)."""
+    pieces = [part.chunk(stride, dim=dim) for part in parts]
+    return torch.cat([rank_pieces[block] for block in range(stride) for rank_pieces in pieces], dim)
+
+
 def partitioned_parameter(
     full_shape: tuple[int, ...],
     partition_dim: int | None,
     init_method: InitMethod,
     params_dtype: torch.dtype,
+    stride: int = 1,
 ) -> nn.Parameter:
     """This rank's slice (on ``partition_dim``; None: all) of a fully initialised tensor."""
     full = torch.empty(full_shape, dtype=torch.float32, device="cpu")
     init_method(full)
     if partition_dim is None:
         return nn.Parameter(full.to(params_dtype))
-    world = get_tensor_model_parallel_world_size()
-    divide(full_shape[partition_dim], world, f"dimension {partition_dim} of a {full_shape} weight")
-    part = full.chunk(world, dim=partition_dim)[get_tensor_model_parallel_rank()]
+    part = split_partition(
+        full,
+        partition_dim,
+        get_tensor_model_parallel_world_size(),
+        get_tensor_model_parallel_rank(),
+        stride,
+    )
     param = nn.Parameter(torch.empty(part.shape, dtype=params_dtype).copy_(part))
     param.partition_dim = partition_dim
+    param.partition_stride = stride
     return param
 
 
-def _zero_bias(size: int, partition_dim: int | None, params_dtype: torch.dtype) -> nn.Parameter:
-    return partitioned_parameter((size,), partition_dim, nn.init.zeros_, params_dtype)
+def _zero_bias(
+    size: int, partition_dim: int | None, params_dtype: torch.dtype, stride: int = 1
+) -> nn.Parameter:
+    return partitioned_parameter((size,), partition_dim, nn.init.zeros_, params_dtype, stride)
 
 
 class ColumnParallelLinear(nn.Module):
-    """y = x A^T + b with A split along its output dimension across tensor-parallel ranks."""
+    """y = x A^T + b with A split along its output dimension across tensor-parallel ranks.
+
+    ``stride`` > 1 splits each of ``stride`` equal blocks of output rows separately (a gated
+    MLP's ``[gate; up]``), so a rank's output holds its part of every block; ``gather_output``
+    then returns the rank-major order, so keep it False with stride > 1.
+    """
 
     def __init__(
         self,
@@ -71,11 +108,16 @@ class ColumnParallelLinear(nn.Module):
         bias: bool = True,
         gather_output: bool = True,
         params_dtype: torch.dtype = torch.float32,
+        stride: int = 1,
     ) -> None:
         super().__init__()
+        if stride > 1 and gather_output:
+            raise ValueError("ColumnParallelLinear: gather_output needs stride 1")
         self.gather_output = gather_output
-        self.weight = partitioned_parameter((output_size, input_size), 0, init_method, params_dtype)
-        self.bias = _zero_bias(output_size, 0, params_dtype) if bias else None
+        self.weight = partitioned_parameter(
+            (output_size, input_size), 0, init_method, params_dtype, stride
+        )
+        self.bias = _zero_bias(output_size, 0, params_dtype, stride) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(copy_to_tensor_model_parallel_region(x), self.weight, self.bias)

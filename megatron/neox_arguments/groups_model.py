@@ -29,14 +29,15 @@ class NeoXArgsModel:
     )
     num_layers: int | None = arg(None, "Number of transformer layers.")
     hidden_size: int | None = arg(None, "Transformer hidden size.")
-    intermediate_size: int | None = arg(None, "MLP intermediate size; 4 * hidden_size when unset.")
-    mlp_multiple_of: int = arg(
-        1, "Round the MLP intermediate size up to a multiple of this.", DEFAULT_ONLY
+    intermediate_size: int | None = arg(
+        None,
+        "MLP intermediate size; 4 * hidden_size when unset. Gated activations use 2/3 of it, "
+        "in two halves (Llama-2 7B: 32768 -> 11008).",
     )
+    mlp_multiple_of: int = arg(1, "Round the MLP activation width up to a multiple of this.")
     expansion_factor: float | None = arg(
         None,
         "MLP intermediate size as a multiple of hidden_size (alternative to intermediate_size).",
-        DEFAULT_ONLY,
     )
     num_attention_heads: int | None = arg(None, "Number of attention (query) heads.")
     num_kv_heads: int | None = arg(
@@ -44,17 +45,24 @@ class NeoXArgsModel:
         "Number of key/value heads (grouped-query attention); equals num_attention_heads when unset.",
     )
     seq_length: int | None = arg(None, "Training sequence length in tokens.")
-    sliding_window_width: int | None = arg(None, "Sliding-window attention width.", DEFAULT_ONLY)
+    sliding_window_width: int | None = arg(
+        None, "Sliding-window attention: each query sees at most this many keys, itself included."
+    )
     max_position_embeddings: int | None = arg(
         None, "Largest position the model supports (size of learned position tables)."
     )
-    norm: Literal["layernorm", "rmsnorm", "scalenorm", "te_rmsnorm", "te_layernorm"] = arg(
-        "layernorm", "Normalisation layer."
-    )
+    norm: Literal[
+        "layernorm",
+        "rmsnorm",
+        "scalenorm",
+        "non_parametric_layernorm",
+        "te_rmsnorm",
+        "te_layernorm",
+    ] = arg("layernorm", "Normalisation layer (te_*: Transformer Engine's, when installed).")
     layernorm_fusion: bool = arg(False, "Use a fused LayerNorm kernel.", HINT)
     rmsnorm_fusion: bool = arg(False, "Use a fused RMSNorm kernel.", HINT)
     use_qk_layernorm: bool = arg(
-        False, "Normalise queries and keys before attention.", DEFAULT_ONLY
+        False, "Normalise each query and key head (the `norm` type) before rotary embeddings."
     )
     layernorm_epsilon: float = arg(1.0e-5, "LayerNorm epsilon.")
     rms_norm_epsilon: float = arg(1.0e-8, "RMSNorm epsilon.")
@@ -70,6 +78,12 @@ class NeoXArgsModel:
         None, "Attention type per layer as [[types, repeat], ...]; all global when unset."
     )
     sparsity_config: dict | None = arg(None, "DeepSpeed sparse-attention settings.")
+    attention_backend: Literal["sdpa", "flash", "te"] = arg(
+        "sdpa",
+        "Strata: implementation of global attention layers: sdpa (PyTorch), flash (flash-attn 2) "
+        "or te (Transformer Engine).",
+    )
+    te_mha: bool = arg(False, "Use Transformer Engine attention (same as attention_backend: te).")
     num_unique_layers: int | None = arg(None, "Share parameters across layers.", DEFAULT_ONLY)
     param_sharing_style: str = arg("grouped", "Order of shared layers (with num_unique_layers).")
     make_vocab_size_divisible_by: int = arg(128, "Pad the vocabulary to a multiple of this.")
@@ -85,7 +99,9 @@ class NeoXArgsModel:
         "swiglu",
         "bilinear",
         "glu",
-    ] = arg("gelu", "MLP activation function.")
+        "tanh",
+        "sigmoid",
+    ] = arg("gelu", "MLP activation function (geglu, swiglu, reglu, glu, bilinear: gated).")
     use_flashattn_swiglu: bool = arg(False, "Use flash-attn's fused SwiGLU kernel.", HINT)
     scaled_upper_triang_masked_softmax_fusion: bool = arg(
         False, "Fused causal-mask softmax kernel.", HINT
@@ -103,6 +119,12 @@ class NeoXArgsModel:
         1.0, "Fraction of each head's dimensions that rotary embeddings rotate."
     )
     rotary_emb_base: int = arg(10000, "Rotary embedding base (theta).")
+    rope_scaling: dict | None = arg(
+        None,
+        "Strata: rotary frequency scaling as in Hugging Face, e.g. {rope_type: llama3, factor: 8, "
+        "low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 8192} or "
+        "{rope_type: linear, factor: 2}.",
+    )
     rotary_save_freqs_buffer: bool = arg(
         False, "Store the rotary inverse-frequency buffer in checkpoints.", HINT
     )

@@ -96,9 +96,15 @@ class NeoXArgsLogging:
 class NeoXArgsTokenizer:
     """Tokenizer arguments."""
 
-    tokenizer_type: str = arg("GPT2BPETokenizer", "Registered tokenizer name.")
-    vocab_file: str | None = arg(None, "Tokenizer vocabulary / tokenizer.json / model file.")
-    merge_file: str | None = arg(None, "BPE merges file (GPT2BPETokenizer).")
+    tokenizer_type: str = arg(
+        "GPT2BPETokenizer",
+        "Registered tokenizer name: GPT2BPETokenizer, HFTokenizer, HFGPT2Tokenizer, SPMTokenizer, "
+        "TiktokenTokenizer, CharLevelTokenizer, bytes.",
+    )
+    vocab_file: str | None = arg(
+        None, "vocab.json, tokenizer.json or its directory, SentencePiece .model, .tiktoken."
+    )
+    merge_file: str | None = arg(None, "BPE merges file (GPT2BPETokenizer, HFGPT2Tokenizer).")
     padded_vocab_size: int | None = arg(None, "Vocabulary size after padding.", DERIVED)
 
 

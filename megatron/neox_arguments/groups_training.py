@@ -17,91 +17,61 @@ class NeoXArgsTraining:
     )
     use_shared_fs: bool = arg(True, "Data index files live on a filesystem shared by all nodes.")
     label_data_paths: list | None = arg(
-        None, "Label datasets matching data_path (older NeoX key).", DEFAULT_ONLY
+        None, "Label dataset matching data_path (one prefix; -100 = no loss)."
     )
     train_data_paths: list | None = arg(None, "Prefixes of the training datasets.")
     train_label_data_paths: list | None = arg(
-        None, "Prefixes of training label datasets.", DEFAULT_ONLY
+        None, "Label datasets matching train_data_paths one to one (-100 = no loss)."
     )
-    train_reward_data_paths: list | None = arg(
-        None, "Prefixes of training reward datasets.", DEFAULT_ONLY
-    )
+    train_reward_data_paths: list | None = arg(None, "Prefixes of training reward datasets.")
     test_data_paths: list | None = arg(None, "Prefixes of the test datasets.")
-    test_label_data_paths: list | None = arg(None, "Prefixes of test label datasets.", DEFAULT_ONLY)
-    test_reward_data_paths: list | None = arg(
-        None, "Prefixes of test reward datasets.", DEFAULT_ONLY
-    )
+    test_label_data_paths: list | None = arg(None, "Label datasets matching test_data_paths.")
+    test_reward_data_paths: list | None = arg(None, "Prefixes of test reward datasets.")
     valid_data_paths: list | None = arg(None, "Prefixes of the validation datasets.")
-    valid_label_data_paths: list | None = arg(
-        None, "Prefixes of validation label datasets.", DEFAULT_ONLY
-    )
-    valid_reward_data_paths: list | None = arg(
-        None, "Prefixes of validation reward datasets.", DEFAULT_ONLY
-    )
-    pos_train_data_paths: list | None = arg(
-        None, "Chosen (positive) training datasets for DPO.", DEFAULT_ONLY
-    )
-    neg_train_data_paths: list | None = arg(
-        None, "Rejected (negative) training datasets for DPO.", DEFAULT_ONLY
-    )
-    pos_train_label_data_paths: list | None = arg(
-        None, "Labels of the chosen training datasets.", DEFAULT_ONLY
-    )
-    neg_train_label_data_paths: list | None = arg(
-        None, "Labels of the rejected training datasets.", DEFAULT_ONLY
-    )
-    pos_valid_data_paths: list | None = arg(
-        None, "Chosen validation datasets for DPO.", DEFAULT_ONLY
-    )
-    neg_valid_data_paths: list | None = arg(
-        None, "Rejected validation datasets for DPO.", DEFAULT_ONLY
-    )
-    pos_valid_label_data_paths: list | None = arg(
-        None, "Labels of the chosen validation datasets.", DEFAULT_ONLY
-    )
+    valid_label_data_paths: list | None = arg(None, "Label datasets matching valid_data_paths.")
+    valid_reward_data_paths: list | None = arg(None, "Prefixes of validation reward datasets.")
+    pos_train_data_paths: list | None = arg(None, "Chosen (positive) training datasets for DPO.")
+    neg_train_data_paths: list | None = arg(None, "Rejected (negative) training datasets for DPO.")
+    pos_train_label_data_paths: list | None = arg(None, "Labels of the chosen training datasets.")
+    neg_train_label_data_paths: list | None = arg(None, "Labels of the rejected training datasets.")
+    pos_valid_data_paths: list | None = arg(None, "Chosen validation datasets for DPO.")
+    neg_valid_data_paths: list | None = arg(None, "Rejected validation datasets for DPO.")
+    pos_valid_label_data_paths: list | None = arg(None, "Labels of the chosen validation datasets.")
     neg_valid_label_data_paths: list | None = arg(
-        None, "Labels of the rejected validation datasets.", DEFAULT_ONLY
+        None, "Labels of the rejected validation datasets."
     )
-    pos_test_data_paths: list | None = arg(None, "Chosen test datasets for DPO.", DEFAULT_ONLY)
-    neg_test_data_paths: list | None = arg(None, "Rejected test datasets for DPO.", DEFAULT_ONLY)
-    pos_test_label_data_paths: list | None = arg(
-        None, "Labels of the chosen test datasets.", DEFAULT_ONLY
-    )
-    neg_test_label_data_paths: list | None = arg(
-        None, "Labels of the rejected test datasets.", DEFAULT_ONLY
-    )
-    train_data_weights: list | None = arg(
-        None, "Sampling weight of each training dataset.", DEFAULT_ONLY
-    )
-    valid_data_weights: list | None = arg(
-        None, "Sampling weight of each validation dataset.", DEFAULT_ONLY
-    )
-    test_data_weights: list | None = arg(
-        None, "Sampling weight of each test dataset.", DEFAULT_ONLY
-    )
+    pos_test_data_paths: list | None = arg(None, "Chosen test datasets for DPO.")
+    neg_test_data_paths: list | None = arg(None, "Rejected test datasets for DPO.")
+    pos_test_label_data_paths: list | None = arg(None, "Labels of the chosen test datasets.")
+    neg_test_label_data_paths: list | None = arg(None, "Labels of the rejected test datasets.")
+    train_data_weights: list | None = arg(None, "Sampling weight of each training dataset.")
+    valid_data_weights: list | None = arg(None, "Sampling weight of each validation dataset.")
+    test_data_weights: list | None = arg(None, "Sampling weight of each test dataset.")
     weight_by_num_documents: bool = arg(
-        False, "Weight datasets by document count (see alpha).", DEFAULT_ONLY
+        False, "Weight blended datasets by document count (see weighted_sampler_alpha)."
     )
-    weighted_sampler_alpha: float = arg(1.0, "Exponent for weight_by_num_documents.", DEFAULT_ONLY)
+    weighted_sampler_alpha: float = arg(1.0, "Exponent for weight_by_num_documents.")
     data_impl: Literal["infer", "mmap", "cached"] = arg("infer", "Indexed dataset implementation.")
     pack_impl: Literal["packed", "pack_until_overflow", "unpacked"] = arg(
-        "packed", "How documents are packed into sequences.", DEFAULT_ONLY
+        "packed", "How documents are packed into sequences."
     )
     dataset_impl: Literal["gpt2", "pairwise"] = arg(
-        "gpt2", "Dataset kind: LM or pairwise (DPO).", DEFAULT_ONLY
+        "gpt2", "Dataset kind: LM, or pairwise (chosen/rejected documents for DPO)."
     )
     train_impl: Literal["normal", "dpo", "rm", "kto"] = arg(
-        "normal", "Training objective.", DEFAULT_ONLY
+        "normal", "Training objective (megatron/losses.py registry; rm is not supported yet)."
     )
-    dpo_fp32: bool = arg(True, "Compute the DPO loss in fp32.", DEFAULT_ONLY)
-    dpo_reference_free: bool = arg(False, "Reference-free DPO.", DEFAULT_ONLY)
-    dpo_beta: float = arg(0.1, "DPO beta.", DEFAULT_ONLY)
-    kto_fp32: bool = arg(True, "Compute the KTO loss in fp32.", DEFAULT_ONLY)
-    kto_desirable_weight: float = arg(1.0, "KTO weight of desirable examples.", DEFAULT_ONLY)
-    kto_undesirable_weight: float = arg(1.0, "KTO weight of undesirable examples.", DEFAULT_ONLY)
+    dpo_fp32: bool = arg(True, "Compute the DPO loss in fp32 (Strata's log-probs always are).")
+    dpo_reference_free: bool = arg(False, "DPO without a reference model (its log-probs = 0).")
+    dpo_beta: float = arg(0.1, "DPO beta.")
+    kto_fp32: bool = arg(True, "Compute the KTO loss in fp32 (Strata's log-probs always are).")
+    kto_desirable_weight: float = arg(1.0, "KTO weight of desirable examples.")
+    kto_undesirable_weight: float = arg(1.0, "KTO weight of undesirable examples.")
     z_loss: float = arg(0.0, "Z-loss coefficient (reward-model training).", DEFAULT_ONLY)
     kto_beta: float = arg(0.1, "KTO beta.")
-    allow_chopped: bool = arg(True, "Allow samples longer than seq_length to be cut.")
+    allow_chopped: bool = arg(
+        True, "Cut documents longer than seq_length + 1 (else skip them; whole-document packing)."
+    )
     mmap_warmup: bool = arg(False, "Read the memory-mapped files once at start.", HINT)
     save: str | None = arg(None, "Directory to save checkpoints to.")
     s3_path: str | None = arg(None, "S3 bucket to upload checkpoints to.", DEFAULT_ONLY)
@@ -158,20 +128,29 @@ class NeoXArgsTraining:
     )
     min_scale: float = arg(1.0, "Megatron minimum loss scale (use the fp16 dict).", DEFAULT_ONLY)
     char_level_ppl: bool = arg(False, "Also report character-level perplexity.", DEFAULT_ONLY)
-    use_mup: bool = arg(False, "Use muP parameterisation.", DEFAULT_ONLY)
-    coord_check: bool = arg(False, "Run the muP coordinate check.", DEFAULT_ONLY)
-    save_base_shapes: bool = arg(False, "Save muP base shapes.", DEFAULT_ONLY)
-    base_shapes_file: str | None = arg(None, "muP base shapes file (with use_mup).")
+    use_mup: bool = arg(
+        False, "Maximal Update Parametrization, relative to a model of width mup_base_width."
+    )
+    mup_base_width: int | None = arg(
+        None, "Hidden size the muP hyperparameters were tuned at (Strata; needed with use_mup)."
+    )
+    coord_check: bool = arg(
+        False, "Run the muP coordinate check (use tools/mup_coord_check.py).", DEFAULT_ONLY
+    )
+    save_base_shapes: bool = arg(
+        False, "Save muP base shapes (Strata uses mup_base_width instead).", DEFAULT_ONLY
+    )
+    base_shapes_file: str | None = arg(
+        None, "muP base shapes file (Strata uses mup_base_width instead).", DEFAULT_ONLY
+    )
     mup_init_scale: float = arg(1.0, "muP initialisation scale (with use_mup).")
     mup_attn_temp: float = arg(1.0, "muP attention temperature (with use_mup).")
-    mup_output_temp: float = arg(1.0, "muP output temperature (with use_mup).")
+    mup_output_temp: float = arg(1.0, "muP output logits multiplier (with use_mup).")
     mup_embedding_mult: float = arg(1.0, "muP embedding multiplier (with use_mup).")
     mup_rp_embedding_mult: float = arg(1.0, "muP relative-position multiplier (with use_mup).")
-    mup_width_scale: int = arg(2, "muP delta-model width scale (with use_mup).")
+    mup_width_scale: int = arg(
+        2, "muP delta-model width scale for save_base_shapes (not used by Strata).", DEFAULT_ONLY
+    )
     eod_mask_loss: bool = arg(False, "Exclude end-of-document tokens from the loss.")
-    reset_position_ids: bool = arg(
-        False, "Restart position ids after each end-of-document token.", DEFAULT_ONLY
-    )
-    reset_attention_mask: bool = arg(
-        False, "Do not attend across end-of-document tokens.", DEFAULT_ONLY
-    )
+    reset_position_ids: bool = arg(False, "Restart position ids after each end-of-document token.")
+    reset_attention_mask: bool = arg(False, "Do not attend across end-of-document tokens.")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-GATED_ACTIVATIONS = frozenset({"geglu", "reglu", "swiglu", "bilinear", "glu"})
+# Activations whose MLP input projection has two halves [gate; up]. The model's activation
+# registry (megatron/model/activations.py) adds the gated activations users register.
+GATED_ACTIVATIONS: set[str] = {"geglu", "reglu", "swiglu", "bilinear", "glu"}
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -14,9 +16,11 @@ def _round_up(value: int, multiple: int) -> int:
 def ffn_sizes(args: Any) -> tuple[int, int]:
     """(first projection's output width, activation width) of the MLP, as NeoX computes them.
 
-    Base width: intermediate_size, else expansion_factor x hidden, else 4 x hidden. Gated
-    activations keep the parameter count of the ungated MLP: 2/3 of the base, split in two
-    halves. Widths are rounded up to mlp_multiple_of.
+    Base width: intermediate_size, else int(expansion_factor x hidden), else 4 x hidden. A gated
+    activation keeps the parameter count of the ungated MLP: its first projection is
+    int(2/3 x base) wide, split in two halves [gate; up], so the activation width is
+    int(2/3 x base) // 2 (Llama-2 7B: intermediate_size 32768 -> 11008 with mlp_multiple_of
+    256). The activation width is rounded up to mlp_multiple_of.
     """
     if args.intermediate_size:
         base = args.intermediate_size
@@ -26,18 +30,22 @@ def ffn_sizes(args: Any) -> tuple[int, int]:
         base = 4 * args.hidden_size
     multiple = args.mlp_multiple_of
     if args.activation in GATED_ACTIVATIONS:
-        hidden = _round_up(int(base * 2 / 3) // 2, multiple)
+        hidden = _round_up(base * 2 // 3 // 2, multiple)
         return 2 * hidden, hidden
     hidden = _round_up(base, multiple)
     return hidden, hidden
 
 
-def _norm_params(args: Any) -> int:
-    h = args.hidden_size
+def _norm_params(args: Any, width: int | None = None) -> int:
+    """Parameters of one norm (over `width`, default hidden_size): weight (+ bias) for
+    layernorm, weight for rmsnorm, one gain for scalenorm, none for non_parametric_layernorm."""
+    h = width or args.hidden_size
     if args.norm in ("layernorm", "te_layernorm"):
         return 2 * h if args.use_bias_in_norms else h
     if args.norm == "scalenorm":
         return 1
+    if args.norm == "non_parametric_layernorm":
+        return 0
     return h
 
 
@@ -60,6 +68,8 @@ def parameter_counts(args: Any) -> dict[str, int]:
     # With tied GPT-J residual norms the second norm does not exist.
     norms = 1 if (args.gpt_j_residual and args.gpt_j_tied) else 2
     layer = attention + mlp + norms * _norm_params(args)
+    if args.use_qk_layernorm:  # one norm over a head's channels for queries, one for keys
+        layer += 2 * _norm_params(args, h // heads)
     if args.pos_emb == "rpe":
         # T5 relative position biases: one table per model, buckets x heads.
         embedding += args.rpe_num_buckets * heads

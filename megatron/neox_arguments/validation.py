@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Any
 
@@ -130,6 +131,7 @@ def check_values(args: Any, problems: Problems) -> None:
             "maximum_tokens",
             "num_samples",
             "rotary_emb_base",
+            "sliding_window_width",
         ),
     )
     _positive(args, problems, ("eval_iters", "num_workers", "top_k"), minimum=0)
@@ -157,7 +159,7 @@ def check_values(args: Any, problems: Problems) -> None:
     _in_range(args, problems, "top_p", 0.0, 1.0, closed=True)
     for key in ("weight_decay", "gradient_clipping", "min_lr", "temperature"):
         if getattr(args, key) < 0:
-            problems.add(f"{key} must be >= 0, got {getattr(args, key)}")
+            problems.add(f"{key} must be >= 0, got {getattr(args, key)}{args.where(key)}")
     if args.init_method_std <= 0:
         problems.add(f"init_method_std must be > 0, got {args.init_method_std}")
     if args.lr is not None and args.min_lr > args.lr:
@@ -167,8 +169,60 @@ def check_values(args: Any, problems: Problems) -> None:
             f"text_gen_type must be unconditional, input-file, interactive or precompute, "
             f"got {args.text_gen_type!r}"
         )
+    if not args.prompt_end:
+        problems.add(f"prompt_end must be a non-empty separator{args.where('prompt_end')}")
     _check_split(args, problems)
     _check_data_keys(args, problems)
+    _check_blending(args, problems)
+    _check_train_impl(args, problems)
+    _check_attention(args, problems)
+    _check_mlp_norm_mup(args, problems)
+
+
+def _check_mlp_norm_mup(args: Any, problems: Problems) -> None:
+    """MLP width keys, Transformer Engine norms and muP's base width."""
+    if args.intermediate_size and args.expansion_factor:
+        problems.add(
+            f"set intermediate_size ({args.intermediate_size}){args.where('intermediate_size')} "
+            f"or expansion_factor ({args.expansion_factor}){args.where('expansion_factor')}, "
+            "not both"
+        )
+    if args.expansion_factor is not None and args.expansion_factor <= 0:
+        problems.add(f"expansion_factor must be > 0, got {args.expansion_factor}")
+    for key in ("layernorm_epsilon", "rms_norm_epsilon", "scalenorm_epsilon"):
+        if getattr(args, key) < 0:
+            problems.add(f"{key} must be >= 0, got {getattr(args, key)}{args.where(key)}")
+    if args.norm.startswith("te_") and importlib.util.find_spec("transformer_engine") is None:
+        problems.add(
+            f"norm={args.norm!r}{args.where('norm')} needs NVIDIA Transformer Engine, which is "
+            f"not installed; use {args.norm.removeprefix('te_')!r}"
+        )
+    if not args.use_mup:
+        return
+    if not args.mup_base_width or args.mup_base_width < 1:
+        problems.add(
+            f"use_mup=True{args.where('use_mup')} needs mup_base_width, the hidden_size the "
+            f"hyperparameters were tuned at (a positive int), got {args.mup_base_width!r}"
+        )
+    for key in ("mup_init_scale", "mup_output_temp", "mup_embedding_mult", "mup_attn_temp"):
+        if getattr(args, key) <= 0:
+            problems.add(f"{key} must be > 0, got {getattr(args, key)}{args.where(key)}")
+    from megatron.model.init_methods import INIT_METHODS
+    from megatron.optimizers import MUP_OPTIMIZERS
+
+    for key in ("init_method", "output_layer_init_method"):
+        spec = INIT_METHODS.get(getattr(args, key))
+        if spec is not None and not spec.mup:
+            problems.add(
+                f"{key}={getattr(args, key)!r}{args.where(key)} cannot be used with use_mup: its "
+                "scale follows the tensor's shape (use normal, scaled_normal, small_init, ...)"
+            )
+    kind = str((args.optimizer or {}).get("type", "adam")).lower()
+    if kind not in MUP_OPTIMIZERS:
+        problems.add(
+            f"use_mup{args.where('use_mup')}: muP learning rates are implemented for "
+            f"{list(MUP_OPTIMIZERS)}, not optimizer.type {kind!r}"
+        )
 
 
 def _check_split(args: Any, problems: Problems) -> None:
@@ -196,6 +250,139 @@ def _check_data_keys(args: Any, problems: Problems) -> None:
             )
 
 
+def _check_blending(args: Any, problems: Problems) -> None:
+    """Blending weights, label datasets and train_epochs against the data paths."""
+    for s in ("train", "valid", "test"):
+        paths = getattr(args, f"{s}_data_paths") or []
+        key = f"{s}_label_data_paths"
+        labels = getattr(args, key)
+        if labels is not None and len(labels) != len(paths):
+            problems.add(
+                f"{key}{args.where(key)} lists {len(labels)} datasets but {s}_data_paths lists "
+                f"{len(paths)}; labels match their data one to one"
+            )
+        key = f"{s}_data_weights"
+        weights = getattr(args, key) or []
+        numbers = [w for w in weights if isinstance(w, int | float) and not isinstance(w, bool)]
+        valid = len(numbers) == len(weights) and all(w >= 0 for w in numbers)
+        if not valid or (weights and not sum(numbers)):
+            problems.add(
+                f"{key}{args.where(key)} must be non-negative numbers with a positive sum, "
+                f"got {weights!r}"
+            )
+    labels = args.label_data_paths
+    if labels is not None and (args.data_path is None or len(labels) != 1):
+        problems.add(
+            f"label_data_paths{args.where('label_data_paths')} holds the one label dataset of "
+            f"data_path, got {labels!r} with data_path={args.data_path!r} (with "
+            "train_data_paths use train/valid/test_label_data_paths)"
+        )
+    if args.weighted_sampler_alpha < 0:
+        problems.add(f"weighted_sampler_alpha must be >= 0, got {args.weighted_sampler_alpha}")
+    train_paths = args.train_data_paths or []
+    if args.train_epochs is not None and len(train_paths) > 1:
+        problems.add(
+            f"train_epochs{args.where('train_epochs')} needs one training dataset, but "
+            f"train_data_paths lists {len(train_paths)}: a blend has no single epoch; set "
+            "train_iters"
+        )
+
+
+def _check_attention(args: Any, problems: Problems) -> None:
+    """Positional embedding, GQA under tensor parallelism and the attention backends."""
+    if args.pos_emb == "rpe":
+        problems.add(
+            f"pos_emb='rpe'{args.where('pos_emb')} (T5 relative position buckets) is not "
+            "supported yet; use rotary, alibi, learned, sinusoidal or none"
+        )
+    if args.rope_scaling is not None:
+        if args.pos_emb != "rotary":
+            problems.add(f"rope_scaling{args.where('rope_scaling')} needs pos_emb rotary")
+        from megatron.model.positional import rope_scaling_problems
+
+        for problem in rope_scaling_problems(args.rope_scaling):
+            problems.add(f"{problem}{args.where('rope_scaling')}")
+    kv = args.num_kv_heads or args.num_attention_heads
+    tp = max(args.model_parallel_size, 1)
+    if kv and kv > 0 and kv % tp:
+        problems.add(
+            f"num_kv_heads ({kv}) must be divisible by model_parallel_size ({tp}): each rank "
+            "holds whole key/value groups (replicating key/value heads is not supported yet)"
+        )
+    if args.te_mha and args.attention_backend not in ("sdpa", "te"):
+        problems.add(
+            f"te_mha{args.where('te_mha')} selects Transformer Engine attention but "
+            f"attention_backend is {args.attention_backend!r}{args.where('attention_backend')}"
+        )
+    # flash-attn / Transformer Engine are checked when the model is built: the launching host
+    # (a login node) may lack GPU packages that the workers have.
+
+
+def _check_train_impl(args: Any, problems: Problems) -> None:
+    """DPO needs pairwise (pos_/neg_) data, KTO rewards; both are one document per sample."""
+    impl, splits = args.train_impl, ("train", "valid", "test")
+    if impl == "rm":
+        problems.add(
+            f"train_impl='rm'{args.where('train_impl')} is not supported yet (needs a "
+            "reward head); supported: normal, dpo, kto"
+        )
+    if (impl == "dpo") != (args.dataset_impl == "pairwise"):
+        problems.add(
+            f"train_impl dpo and dataset_impl pairwise go together, got train_impl="
+            f"{impl!r}, dataset_impl={args.dataset_impl!r}"
+        )
+    for s in splits:
+        pos, neg = f"pos_{s}_data_paths", f"neg_{s}_data_paths"
+        for key in (pos, neg, f"pos_{s}_label_data_paths", f"neg_{s}_label_data_paths"):
+            if getattr(args, key) is not None and args.dataset_impl != "pairwise":
+                problems.add(f"{key}{args.where(key)} is only read with dataset_impl pairwise")
+        if args.dataset_impl == "pairwise" and (getattr(args, pos) is None) != (
+            getattr(args, neg) is None
+        ):
+            problems.add(f"{pos} and {neg} go together (chosen and rejected documents)")
+        reward = f"{s}_reward_data_paths"
+        if getattr(args, reward) is not None and impl != "kto":
+            problems.add(f"{reward}{args.where(reward)} is only read with train_impl kto")
+        if impl == "kto" and (getattr(args, reward) is None) != (
+            getattr(args, f"{s}_data_paths") is None
+        ):
+            problems.add(f"train_impl kto: {s}_data_paths needs {reward} (and vice versa)")
+    if args.dataset_impl == "pairwise":
+        if args.pos_train_data_paths is None:
+            problems.add(
+                "dataset_impl pairwise needs pos_train_data_paths and neg_train_data_paths"
+            )
+        for key in ("data_path", "train_data_paths", "valid_data_paths", "test_data_paths"):
+            if getattr(args, key) is not None:
+                problems.add(
+                    f"{key}{args.where(key)} is not read with dataset_impl pairwise; "
+                    "give pos_/neg_ data paths"
+                )
+    if impl in ("dpo", "kto") and args.pack_impl == "pack_until_overflow":
+        problems.add(
+            f"train_impl {impl} uses one document per sample; pack_impl "
+            "pack_until_overflow is not supported with it (use unpacked)"
+        )
+    if impl == "kto":
+        if args.data_path is not None:
+            problems.add(
+                "train_impl kto reads train/valid/test_data_paths with their "
+                "*_reward_data_paths, not data_path"
+            )
+        micro = args.train_micro_batch_size_per_gpu
+        if micro is not None and micro < 2:
+            problems.add(
+                f"train_impl kto needs train_micro_batch_size_per_gpu >= 2 (its KL "
+                f"estimate uses the rest of the micro-batch), got {micro}"
+            )
+    for key in ("dpo_beta", "kto_beta"):
+        if getattr(args, key) <= 0:
+            problems.add(f"{key} must be > 0, got {getattr(args, key)}{args.where(key)}")
+    for key in ("kto_desirable_weight", "kto_undesirable_weight"):
+        if getattr(args, key) < 0:
+            problems.add(f"{key} must be >= 0, got {getattr(args, key)}{args.where(key)}")
+
+
 DATA_PATH_KEYS = tuple(key for key in FIELDS if key.endswith("_data_paths"))
 
 
@@ -215,5 +402,9 @@ def check_files(args: Any, problems: Problems) -> None:
             )
     for key in ("vocab_file", "merge_file"):
         path = getattr(args, key)
-        if path is not None and not os.path.isfile(path):
-            problems.add(f"{key}{args.where(key)}: file not found: {path}")
+        if path is None or os.path.isfile(path):
+            continue
+        # HFGPT2Tokenizer's vocab_file may be a tokenizer directory, as in NeoX.
+        if key == "vocab_file" and os.path.isdir(path):
+            continue
+        problems.add(f"{key}{args.where(key)}: file not found: {path}")

@@ -13,6 +13,20 @@ from megatron.tokenizer.registry import register_tokenizer
 EOD_TOKEN = "<|endoftext|>"
 
 
+def byte_level_bpe(vocab: str, merges: str) -> HFBackend:
+    """GPT-2's pipeline (byte-level pre-tokenizer and decoder) over vocab.json + merges.txt."""
+    try:
+        model = models.BPE.from_file(vocab, merges)
+    except Exception as err:  # the Rust side raises a bare Exception
+        raise ValueError(
+            f"could not read GPT-2 BPE files vocab_file={vocab} merge_file={merges}: {err}"
+        ) from err
+    backend = HFBackend(model)
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
 @register_tokenizer("GPT2BPETokenizer")
 class GPT2BPETokenizer(Tokenizer):
     """Byte-level BPE; `<|endoftext|>` in text is encoded literally, as OpenAI's encoder does."""
@@ -24,15 +38,7 @@ class GPT2BPETokenizer(Tokenizer):
     ) -> None:
         vocab = require_file("vocab_file", vocab_file, self.name)
         merges = require_file("merge_file", merge_file, self.name)
-        try:
-            model = models.BPE.from_file(vocab, merges)
-        except Exception as err:  # the Rust side raises a bare Exception
-            raise ValueError(
-                f"could not read GPT-2 BPE files vocab_file={vocab} merge_file={merges}: {err}"
-            ) from err
-        self._backend = HFBackend(model)
-        self._backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        self._backend.decoder = decoders.ByteLevel()
+        self._backend = byte_level_bpe(vocab, merges)
         eod = self._backend.token_to_id(EOD_TOKEN)
         if eod is None:
             raise ValueError(f"vocab_file {vocab} has no {EOD_TOKEN} token")

@@ -1,0 +1,160 @@
+"""Convert a Hugging Face model folder into a Strata checkpoint plus a NeoX-format config.
+
+    python tools/ckpts/convert_hf_to_neox.py --input HF_DIR --output CKPT_DIR \
+        [--config-out FILE] [--tokenizer tokenizer.json] [--make-vocab-size-divisible-by N]
+
+Reads GPTNeoXForCausalLM, LlamaForCausalLM and MistralForCausalLM weights (safetensors or
+PyTorch .bin, single or sharded). CKPT_DIR gets a weights-only checkpoint (global_step0/ and
+`latest`) and config.yml, the model and tokenizer keys; train from it with that config plus
+your setup config and `load=CKPT_DIR finetune=true`. Nothing is written unless all succeeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megatron.checkpointing import save_weights_checkpoint
+from megatron.conversion import ConversionError
+from megatron.conversion.hf_io import read_hf_config, read_hf_tensors
+from megatron.conversion.strata_io import dims_for, expected_shapes, model_args
+from megatron.utils import atomic_write_text
+
+CONFIG_NAME = "config.yml"
+PREFERRED_DIVISORS = (128, 64, 32, 16, 8, 4, 2, 1)
+
+
+def tokenizer_vocab_size(path: Path) -> int:
+    from megatron.tokenizer import build_tokenizer
+
+    try:
+        return build_tokenizer("HFTokenizer", path).vocab_size
+    except (OSError, ValueError) as err:
+        raise ConversionError(f"tokenizer {path}: {err}") from None
+
+
+def vocab_divisor(tokenizer_vocab: int, model_vocab: int, requested: int | None) -> int:
+    """make_vocab_size_divisible_by giving exactly the model's rows (the largest power of two
+    up to NeoX's 128 that does, else the smallest divisor that does); or the requested value,
+    which may pad further (extra rows are zeros)."""
+    from megatron.tokenizer import pad_vocab_size
+
+    if requested is not None:
+        padded = pad_vocab_size(tokenizer_vocab, requested, 1)
+        if padded < model_vocab:
+            raise ConversionError(
+                f"--make-vocab-size-divisible-by {requested} pads the tokenizer's "
+                f"{tokenizer_vocab} tokens to {padded} rows, fewer than the model's {model_vocab}"
+            )
+        return requested
+    for divisor in PREFERRED_DIVISORS:
+        if pad_vocab_size(tokenizer_vocab, divisor, 1) == model_vocab:
+            return divisor
+    return next(
+        d for d in range(model_vocab - tokenizer_vocab + 1, model_vocab + 1) if model_vocab % d == 0
+    )
+
+
+def render_config(values: dict[str, Any], hf_dir: Path, hf_class: str, output: Path) -> str:
+    header = (
+        f"# {hf_class} from {hf_dir.resolve()}, converted by tools/ckpts/convert_hf_to_neox.py.\n"
+        "# Model and tokenizer keys only: combine with a setup config (data, optimizer, batch,\n"
+        f"# precision) and start from the weights with load: {output.resolve()} and finetune: true.\n"
+    )
+    return header + yaml.safe_dump(values, sort_keys=False)
+
+
+def convert_hf_to_neox(
+    hf_dir: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    config_out: str | os.PathLike[str] | None = None,
+    tokenizer: str | os.PathLike[str] | None = None,
+    make_vocab_size_divisible_by: int | None = None,
+) -> Path:
+    """Write the checkpoint folder `output` (built beside it, renamed when complete)."""
+    hf_dir, output = Path(hf_dir), Path(output)
+    for path in (output, config_out):
+        if path is not None and Path(path).exists():
+            raise ConversionError(f"output already exists: {path}")
+    if not hf_dir.is_dir():
+        raise ConversionError(f"--input {hf_dir}: not a directory")
+    hf_config, arch = read_hf_config(hf_dir)
+    values = arch.to_neox(hf_config, str(hf_dir / "config.json"))
+    tokenizer_file = Path(tokenizer) if tokenizer else hf_dir / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise ConversionError(
+            f"{tokenizer_file}: not found; Strata reads the vocabulary from a Hugging Face "
+            "tokenizer.json (pass another with --tokenizer)"
+        )
+    tokens, rows = tokenizer_vocab_size(tokenizer_file), hf_config.vocab_size
+    if tokens > rows:
+        raise ConversionError(
+            f"tokenizer {tokenizer_file} has {tokens} tokens, more than the model's {rows} "
+            "embedding rows"
+        )
+    values.update(
+        tokenizer_type="HFTokenizer",
+        vocab_file=str(tokenizer_file.resolve()),
+        make_vocab_size_divisible_by=vocab_divisor(tokens, rows, make_vocab_size_divisible_by),
+    )
+    text = render_config(values, hf_dir, arch.hf_class, output)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        (staging / CONFIG_NAME).write_text(text)
+        args = model_args([staging / CONFIG_NAME])
+        tensors = arch.to_strata(
+            read_hf_tensors(hf_dir),
+            expected_shapes(args),
+            dims_for(args, rows),
+            source=str(hf_dir),
+            tied=not args.no_weight_tying,
+        )
+        save_weights_checkpoint(staging, tensors, {CONFIG_NAME: text})
+        staging.chmod(0o755)
+        os.replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if config_out is not None:
+        atomic_write_text(config_out, text)
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", required=True, help="Hugging Face model folder")
+    parser.add_argument("--output", required=True, help="checkpoint folder to create")
+    parser.add_argument("--config-out", help=f"also write the config here (always {CONFIG_NAME})")
+    parser.add_argument("--tokenizer", help="tokenizer.json to use (default: the input's)")
+    parser.add_argument(
+        "--make-vocab-size-divisible-by",
+        type=int,
+        help="pad the vocabulary to a multiple of this (default: keep the model's rows exactly)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        out = convert_hf_to_neox(
+            args.input,
+            args.output,
+            args.config_out,
+            args.tokenizer,
+            args.make_vocab_size_divisible_by,
+        )
+    except ConversionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {out} (config: {out / CONFIG_NAME})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
