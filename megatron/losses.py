@@ -108,7 +108,10 @@ def load_reference_model(reference: torch.nn.Module, load_dir: str | os.PathLike
     path = Path(load_dir) / REFERENCE_FILE
     if not path.is_file():
         return False
-    load_model(reference, str(path), strict=True, device=str(_device(reference)))
+    try:
+        load_model(reference, str(path), strict=True, device=str(_device(reference)))
+    except (RuntimeError, ValueError, OSError) as err:
+        raise ValueError(f"{path} does not fit the configured model: {err}") from err
     return True
 
 

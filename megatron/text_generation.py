@@ -83,7 +83,7 @@ def _prefill_mask(real: torch.Tensor) -> torch.Tensor:
     return ((causal & real[:, None, :]) | eye)[:, None]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_batch(
     model: torch.nn.Module,
     prompts: Sequence[Sequence[int]],
@@ -124,9 +124,9 @@ def generate_batch(
     cache = KVCache(len(model.layers), context + steps) if use_cache else None
 
     def forward(ids: torch.Tensor, pos: torch.Tensor, attn: torch.Tensor | None) -> torch.Tensor:
-        if cache is None:
-            return model(ids, pos if padded else None, attn)[:, -1]
-        return model(ids, pos if padded else None, attn, kv_cache=cache)[:, -1]
+        """The newest position's logits [b, padded_vocab]."""
+        pos = pos if padded else None  # unpadded rows take the model's default positions
+        return model(ids, pos, attn, kv_cache=cache, logits_to_keep=1)[:, -1]
 
     results = [Completion(logits=[] if return_logits else None) for _ in prompts]
     active = [True] * batch

@@ -10,9 +10,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
+from _config_fixtures import small_config
+from _model_fixtures import make_args
 from conftest import run_tool
 
+from megatron.data.data_utils import build_train_valid_test_datasets
 from megatron.data.indexed_dataset import MMapIndexedDataset
+from megatron.losses import LossContext, get_train_impl
+from megatron.model import GPTModel
+from megatron.neox_arguments import NeoXArgs
 from tools.datasets.preprocess_data_with_chat_template import main
 
 pytestmark = pytest.mark.timeout(300)
@@ -248,3 +256,38 @@ def test_a_tokenizer_without_chat_template_is_an_error(tmp_path, smollm2_hf, cap
     code, _ = preprocess(tmp_path / "p", folder, [{"messages": CONVERSATIONS[0]}])
     assert code == 1
     assert "the tokenizer has no chat template" in capsys.readouterr().err
+
+
+def test_sft_loss_covers_only_the_assistant_tokens(tmp_path, smollm2_hf, tokenizer):
+    """Tool output -> the config's datasets -> the `normal` loss: equal to a cross entropy over
+    exactly the reply tokens (each reply and its <|im_end|>), padding and prompts excluded."""
+    code, prefix = preprocess(tmp_path, smollm2_hf, [{"messages": c} for c in CONVERSATIONS])
+    assert code == 0
+    paths = {
+        f"{split}_{kind}paths": [f"{prefix}_messages{suffix}_document"]
+        for split in ("train", "valid", "test")
+        for kind, suffix in (("data_", ""), ("label_data_", "_label"))
+    }
+    config = small_config(
+        seq_length=128,
+        max_position_embeddings=128,
+        pack_impl="unpacked",
+        tokenizer_type="HFTokenizer",
+        vocab_file=str(smollm2_hf / "tokenizer.json"),
+        **paths,
+    )
+    args = NeoXArgs.from_dict(config)
+    train, _, _ = build_train_valid_test_datasets(args, (3, 1, 1))
+    batch = torch.utils.data.default_collate([train[i] for i in range(3)])
+    torch.manual_seed(0)
+    model = GPTModel(make_args(padded_vocab_size=args.padded_vocab_size, seq_length=128))
+    loss, _ = get_train_impl("normal").loss(model, batch, LossContext(args, eod=0))
+
+    targets = batch["label"][:, 1:]
+    mask = targets >= 0
+    reply_tokens = sum(len(tokenizer(r, add_special_tokens=False)["input_ids"])
+                       for c in CONVERSATIONS for r in replies(c))  # fmt: skip
+    assert int(mask.sum()) == reply_tokens
+    assert (targets[mask] == batch["text"][:, 1:][mask]).all()
+    logits = model(batch["text"][:, :-1]).float()
+    torch.testing.assert_close(loss, F.cross_entropy(logits[mask], targets[mask]))

@@ -24,7 +24,7 @@ from tokenizers import models, pre_tokenizers
 from megatron.data.indexed_dataset import MMapIndexedDataset, MMapIndexedDatasetBuilder
 from megatron.tokenizer import build_tokenizer
 from tools import train_tokenizer
-from tools.datasets import preprocess_data, readers, stdlib_corpus
+from tools.datasets import preprocess_data, readers, stdlib_corpus, worker_pool
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -388,9 +388,11 @@ def test_workers_hold_a_bounded_number_of_tasks(workers: int) -> None:
             yield "a.jsonl", [(number, b'{"text": "x"}\n')], 14
 
     options = preprocess_data.EncodeOptions("bytes", None, None, ("text",), False, False, False)
-    stream = preprocess_data.encode_stream(tasks(), options, workers)
+    stream = worker_pool.ordered_map(
+        preprocess_data.encode_task, tasks(), workers, preprocess_data.init_encoder, (options,)
+    )
     next(stream)
-    assert taken <= (1 if workers == 1 else preprocess_data.PENDING_PER_WORKER * workers)
+    assert taken <= (1 if workers == 1 else worker_pool.PENDING_PER_WORKER * workers)
     assert len(list(stream)) == 99
 
 

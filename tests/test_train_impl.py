@@ -23,7 +23,9 @@ from megatron.losses import (
     dpo_objective,
     get_train_impl,
     kto_objective,
+    load_reference_model,
     register_train_impl,
+    save_reference_model,
 )
 from megatron.model import GPTModel
 from megatron.neox_arguments import ConfigError, NeoXArgs
@@ -170,6 +172,20 @@ def test_reference_model_is_a_frozen_copy():
     with torch.no_grad():
         next(policy.parameters()).add_(1.0)
     assert not torch.equal(next(policy.parameters()), next(reference.parameters()))
+
+
+def test_reference_model_round_trips_beside_the_checkpoints(tmp_path):
+    reference = build_reference_model(tiny_model(0))
+    assert not load_reference_model(reference, tmp_path)  # nothing saved yet
+    save_reference_model(reference, tmp_path / "ckpt")
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["reference_model.safetensors"]
+    other = build_reference_model(tiny_model(1))
+    assert load_reference_model(other, tmp_path / "ckpt")
+    for a, b in zip(reference.state_dict().values(), other.state_dict().values()):
+        assert torch.equal(a, b)
+    wrong = GPTModel(make_args(padded_vocab_size=64, hidden_size=32))
+    with pytest.raises(ValueError, match="reference_model.safetensors does not fit"):
+        load_reference_model(wrong, tmp_path / "ckpt")
 
 
 # -- kto -----------------------------------------------------------------------------------------

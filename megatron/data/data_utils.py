@@ -147,12 +147,7 @@ def build_train_valid_test_datasets(
     if getattr(args, "train_data_paths", None):
         return tuple(_build_split(args, s, n) for s, n in zip(SPLIT_NAMES, num_samples))
 
-    data_path = getattr(args, "data_path", None)
-    if not data_path:
-        raise ValueError("no training data: set data_path, or train_data_paths")
-    data = MMapIndexedDataset(data_path)
-    (label,) = _open_labels(args, "label_data_paths", 1)
-    bounds = get_train_valid_test_split(getattr(args, "split", "969,30,1"), len(data))
+    data, label, bounds = _split_data_path(args)
     datasets = []
     for i, (name, n) in enumerate(zip(SPLIT_NAMES, num_samples)):
         documents = np.arange(bounds[i], bounds[i + 1], dtype=np.int64)
@@ -160,6 +155,16 @@ def build_train_valid_test_datasets(
             _gpt2(args, name, data, documents, n, label) if n and len(documents) else None
         )
     return tuple(datasets)
+
+
+def _split_data_path(args: Any) -> tuple[MMapIndexedDataset, MMapIndexedDataset | None, list]:
+    """`data_path`'s dataset, its labels (or None) and the document bounds `split` gives."""
+    data_path = getattr(args, "data_path", None)
+    if not data_path:
+        raise ValueError("no training data: set data_path, or train_data_paths")
+    data = MMapIndexedDataset(data_path)
+    (label,) = _open_labels(args, "label_data_paths", 1)
+    return data, label, get_train_valid_test_split(getattr(args, "split", "969,30,1"), len(data))
 
 
 def describe_dataset(split: str, dataset: Dataset | None) -> str:
@@ -195,12 +200,7 @@ def train_epoch_samples(args: Any, num_epochs: int) -> tuple[int, int]:
         (label,) = _open_labels(args, "train_label_data_paths", 1)
         documents = np.arange(len(data), dtype=np.int64)
     else:
-        data_path = getattr(args, "data_path", None)
-        if not data_path:
-            raise ValueError("no training data: set data_path, or train_data_paths")
-        data = MMapIndexedDataset(data_path)
-        (label,) = _open_labels(args, "label_data_paths", 1)
-        bounds = get_train_valid_test_split(getattr(args, "split", "969,30,1"), len(data))
+        data, label, bounds = _split_data_path(args)
         documents = np.arange(bounds[0], bounds[1], dtype=np.int64)
     pack_impl = getattr(args, "pack_impl", "packed")
     options = dict(pack_impl=pack_impl, allow_chopped=getattr(args, "allow_chopped", True))

@@ -160,15 +160,16 @@ class GPT2Dataset(torch.utils.data.Dataset):
         )
         directories = [os.path.dirname(os.path.abspath(prefix)), index_cache.fallback_dir()]
         index = index_cache.load_or_build(index_cache.IndexCache(directories, stem), build)
+        self.index = index
         self.doc_idx, self.sample_idx, self.shuffle_idx, self.epoch_ends = index
 
     @property
     def num_epochs(self) -> int:
-        return len(self.epoch_ends)
+        return self.index.num_epochs
 
     @property
     def samples_per_epoch(self) -> int:
-        return int(self.epoch_ends[0])
+        return self.index.samples_per_epoch
 
     def __len__(self) -> int:
         return len(self.shuffle_idx)

@@ -14,6 +14,7 @@ dropped when `allow_chopped` is false), then padded with token 0 and label -100.
 data every real token is a label. As GPT-NeoX does for unpacked data, documents whose first
 sample holds no label (nothing to learn from) are dropped (the GPT2Dataset's label helpers);
 KTO also drops reward-0 documents.
+
 The index is megatron/data/sample_index.py's `unpacked` one (a permutation of the usable
 documents per epoch, as many epochs as the requested samples need, samples shuffled).
 """
@@ -100,11 +101,9 @@ class AlignedDocumentDataset(torch.utils.data.Dataset):
             eligible &= source.tokens.sizes >= 2  # one input and one target at least
             if source.labels is not None:
                 check_labels_match(source.tokens, source.labels)
-                labelled = np.zeros(len(first), dtype=bool)
-                labelled[
-                    labelled_documents(source.labels, np.arange(len(first)), seq_length + 1)
-                ] = 1
-                eligible &= labelled
+                documents = np.arange(len(first))
+                labelled = labelled_documents(source.labels, documents, seq_length + 1)
+                eligible &= np.isin(documents, labelled)
         self.rewards = None
         if rewards is not None:
             _check_aligned(name, first, rewards)

@@ -105,8 +105,10 @@ class GPTModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor:
-        """[b, s] token ids -> [b, s, padded_vocab] logits in the parameters' dtype.
+        """[b, s] token ids -> [b, s, padded_vocab] logits in the parameters' dtype (only the
+        last ``logits_to_keep`` positions' when > 0: sampling skips the LM head elsewhere).
 
         ``attention_mask``: boolean, True where a query may attend to a key, broadcastable to
         [b, 1, s, s]; attention is causal and the mask restricts it further. With ``kv_cache``
@@ -120,6 +122,8 @@ class GPTModel(nn.Module):
             h = layer(h, position_ids, attention_mask, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(input_ids.size(1))
+        if logits_to_keep > 0:
+            h = h[:, -logits_to_keep:]
         return self.lm_head(self.final_norm(h))
 
 

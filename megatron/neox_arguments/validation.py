@@ -358,6 +358,16 @@ def _check_train_impl(args: Any, problems: Problems) -> None:
                     f"{key}{args.where(key)} is not read with dataset_impl pairwise; "
                     "give pos_/neg_ data paths"
                 )
+    if impl in ("dpo", "kto") and args.precompute_model_name is not None:
+        problems.add(
+            f"precompute_model_name{args.where('precompute_model_name')}: precomputed reference "
+            f"log-probs are not supported yet; train_impl {impl} runs a frozen reference model"
+        )
+    if impl in ("dpo", "kto") and args.train_epochs is not None:
+        problems.add(
+            f"train_epochs{args.where('train_epochs')} is not supported with train_impl "
+            f"{impl}; set train_iters"
+        )
     if impl in ("dpo", "kto") and args.pack_impl == "pack_until_overflow":
         problems.add(
             f"train_impl {impl} uses one document per sample; pack_impl "

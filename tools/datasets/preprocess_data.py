@@ -12,15 +12,12 @@ names only when every record was processed (an error or Ctrl-C leaves nothing be
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
-import signal
 import sys
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from multiprocessing.pool import AsyncResult
 
 import numpy as np
 from tqdm import tqdm
@@ -34,10 +31,10 @@ from megatron.data.indexed_dataset import (
 from megatron.tokenizer import Tokenizer, build_tokenizer
 from tools.datasets import readers
 from tools.datasets.readers import PreprocessError
+from tools.datasets.worker_pool import ordered_map
 
 BATCH_BYTES = 1 << 20  # input bytes per task sent to a worker (a batch never spans files)
 BATCH_RECORDS = 4096  # records per task, for inputs of many tiny documents
-PENDING_PER_WORKER = 4  # tasks in flight per worker; with BATCH_BYTES this bounds memory
 
 # (path, [(line or row number, payload), ...], input bytes)
 Task = tuple[str, list[tuple[int, readers.Payload]], int]
@@ -147,10 +144,8 @@ _tokenizer: Tokenizer | None = None
 _dtype: np.dtype = np.dtype(np.int32)
 
 
-def init_encoder(options: EncodeOptions, ignore_sigint: bool = False) -> None:
+def init_encoder(options: EncodeOptions) -> None:
     global _options, _tokenizer, _dtype
-    if ignore_sigint:  # Ctrl-C reaches the whole process group; the main process cleans up
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
     _options = options
     _tokenizer = build_tokenizer(options.tokenizer_type, options.vocab_file, options.merge_file)
     _dtype = np.dtype(best_dtype(_tokenizer.vocab_size))
@@ -209,27 +204,6 @@ def make_tasks(paths: Sequence[str], keys: Sequence[str]) -> Iterator[Task]:
                 batch, size = [], 0
         if batch:
             yield path, batch, size
-
-
-def encode_stream(
-    tasks: Iterator[Task], options: EncodeOptions, workers: int
-) -> Iterator[EncodedBatch]:
-    """Encoded batches in input order, from `workers` processes."""
-    if workers == 1:
-        init_encoder(options)
-        yield from map(encode_task, tasks)
-        return
-    # spawn, not fork: the caller may already hold torch or tokenizer threads.
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=init_encoder, initargs=(options, True)) as pool:
-        # Like Pool.imap, but with a bounded number of tasks in flight.
-        pending: deque[AsyncResult] = deque()
-        for task in tasks:
-            pending.append(pool.apply_async(encode_task, (task,)))
-            if len(pending) >= PENDING_PER_WORKER * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
 
 
 @dataclass
@@ -300,7 +274,9 @@ def preprocess(args: argparse.Namespace) -> Stats:
         # tqdm shows documents/s; the postfix adds tokens/s and MB/s.
         bar = tqdm(total=args.num_docs, unit="doc", file=sys.stderr, miniters=args.log_interval)
         with bar:
-            for batch in encode_stream(make_tasks(paths, keys), options, args.workers):
+            for batch in ordered_map(
+                encode_task, make_tasks(paths, keys), args.workers, init_encoder, (options,)
+            ):
                 write_batch(batch, builders, stats)
                 elapsed = max(time.perf_counter() - start, 1e-9)
                 bar.set_postfix_str(

@@ -28,14 +28,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing
 import os
 import sys
 import time
-from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from multiprocessing.pool import AsyncResult
 from typing import Any
 
 import numpy as np
@@ -48,8 +45,9 @@ from megatron.data.indexed_dataset import (
     index_file_path,
 )
 from megatron.tokenizer.hf import EOD_CANDIDATES
-from tools.datasets.preprocess_data import PENDING_PER_WORKER, make_tasks, output_prefix
+from tools.datasets.preprocess_data import make_tasks, output_prefix
 from tools.datasets.readers import PreprocessError, location, resolve_inputs
+from tools.datasets.worker_pool import ordered_map
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 IGNORE = -100
@@ -331,9 +329,9 @@ def encode_record(encoder: ChatEncoder, path: str, number: int, line: bytes) -> 
 _encoder: ChatEncoder | None = None
 
 
-def init_worker(options: ChatOptions) -> None:
+def init_worker(options: ChatOptions, encoder: ChatEncoder | None = None) -> None:
     global _encoder
-    _encoder = ChatEncoder(options)
+    _encoder = encoder or ChatEncoder(options)
 
 
 def encode_task(task: Task) -> tuple[int, int, list[Encoded]]:
@@ -341,26 +339,6 @@ def encode_task(task: Task) -> tuple[int, int, list[Encoded]]:
     assert _encoder is not None, "init_worker was not called"
     path, lines, size = task
     return len(lines), size, [encode_record(_encoder, path, n, line) for n, line in lines]
-
-
-def encode_stream(tasks: Iterator[Task], encoder: ChatEncoder, workers: int) -> Iterator[Any]:
-    """Encoded tasks in input order, with a bounded number in flight."""
-    global _encoder
-    if workers == 1:
-        _encoder = encoder
-        yield from map(encode_task, tasks)
-        return
-    options = encoder.options
-    # spawn, not fork: the tokenizer's threads must not be forked.
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=init_worker, initargs=(options,)) as pool:
-        pending: deque[AsyncResult] = deque()
-        for task in tasks:
-            pending.append(pool.apply_async(encode_task, (task,)))
-            if len(pending) >= PENDING_PER_WORKER * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
 
 
 # -- output --------------------------------------------------------------------------------------
@@ -450,7 +428,10 @@ def preprocess(args: argparse.Namespace) -> Stats:
         bar = tqdm(total=args.num_docs, unit="doc", file=sys.stderr, miniters=args.log_interval)
         with bar:
             tasks = make_tasks(paths, options.keys)
-            for records, size, encoded in encode_stream(tasks, encoder, args.workers):
+            # One process reuses the encoder loaded above; workers load their own.
+            init_args = (options,) if args.workers > 1 else (options, encoder)
+            stream = ordered_map(encode_task, tasks, args.workers, init_worker, init_args)
+            for records, size, encoded in stream:
                 for record in encoded:
                     outputs.add(record)
                     for key, tokens, labels in zip(options.keys, record.tokens, record.labels):
