@@ -29,7 +29,8 @@ quickstart: $(QS)/stdlib_text_document.bin
 	rm -rf checkpoints/quickstart logs/quickstart
 	$(PYTHON) deepy.py train.py configs/quickstart.yml
 	$(PYTHON) deepy.py generate.py configs/quickstart.yml load=checkpoints/quickstart \
-		text_gen_type=unconditional maximum_tokens=96 temperature=0.8 top_k=40
+		text_gen_type=unconditional maximum_tokens=96 temperature=0.8 top_k=40 \
+		sample_output_file=logs/quickstart/samples.jsonl
 
 test: $(ENV_READY)
 	$(PYTHON) -m pytest -q tests

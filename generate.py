@@ -94,7 +94,7 @@ def _is_writer() -> bool:
 
 
 def _print_record(record: dict[str, Any]) -> None:
-    end = "stopped at end of text" if record["finished"] else "maximum_tokens reached"
+    end = "stopped at end of text" if record["finished"] else "length limit reached"
     header = f"--- {record['length']} tokens, {end} ---"
     note = f"\n({record['message']})" if record["message"] else ""
     print(f"{header}\n{record['text']}{note}", flush=True)

@@ -2,7 +2,7 @@
 `generate` on the same weights, in the same process and the same run.
 
     .venv/bin/python benchmarks/generate.py [--hf-dir DIR] [--new-tokens 64] [--batch-sizes 1 8]
-        [--dtype fp32|bf16] [--repeats 3] [--threads N]
+        [--dtype fp32|bf16] [--repeats 5] [--threads N]
 
 The real SmolLM2-135M-Instruct weights come from --hf-dir (a Hugging Face folder, e.g. the test
 suite's cached one under .cache/test-assets/) or, by default, from the GGUF file in
@@ -51,7 +51,7 @@ PROMPTS = [
     "The most important rule of writing clean code is",
 ]
 
-Generator = Callable[[list[list[int]]], list[list[int]]]
+Decoder = Callable[[list[list[int]]], list[list[int]]]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per batch size")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per batch size")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (both sides)")
     args = parser.parse_args(argv)
     for name in ("new_tokens", "repeats"):
@@ -100,9 +100,7 @@ def load_hf(hf_dir: Path, dtype: torch.dtype) -> Any:
     return model
 
 
-def strata_generator(
-    model: GPTModel, seq_length: int, new_tokens: int, tokenizer: Any
-) -> Generator:
+def strata_generator(model: GPTModel, seq_length: int, new_tokens: int, tokenizer: Any) -> Decoder:
     def run(prompts: list[list[int]]) -> list[list[int]]:
         results = generate_batch(
             model, prompts, new_tokens, seq_length, tokenizer.vocab_size, pad_id=tokenizer.pad
@@ -112,7 +110,7 @@ def strata_generator(
     return run
 
 
-def hf_generator(model: Any, new_tokens: int, pad: int) -> Generator:
+def hf_generator(model: Any, new_tokens: int, pad: int) -> Decoder:
     @torch.no_grad()
     def run(prompts: list[list[int]]) -> list[list[int]]:
         longest = max(map(len, prompts))
@@ -132,14 +130,14 @@ def hf_generator(model: Any, new_tokens: int, pad: int) -> Generator:
     return run
 
 
-def timed(run: Generator, prompts: list[list[int]]) -> tuple[float, list[list[int]]]:
+def timed(run: Decoder, prompts: list[list[int]]) -> tuple[float, list[list[int]]]:
     start = time.perf_counter()
     tokens = run(prompts)
     return time.perf_counter() - start, tokens
 
 
 def measure(
-    sides: dict[str, Generator], prompts: list[list[int]], repeats: int, new_tokens: int
+    sides: dict[str, Decoder], prompts: list[list[int]], repeats: int, new_tokens: int
 ) -> dict[str, Any]:
     """Median tokens/s of each side over `repeats` rounds (order alternating), after a warm-up."""
     outputs = {name: run(prompts) for name, run in sides.items()}  # warm-up
@@ -172,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         hf_dir = smollm2_folder(args.hf_dir, scratch)
         strata_model, strata_args = load_strata(hf_dir, scratch, dtype)
         hf_model = load_hf(hf_dir, dtype)
-    tokenizer = build_tokenizer("HFTokenizer", str(strata_args.vocab_file))
+        tokenizer = build_tokenizer("HFTokenizer", str(strata_args.vocab_file))
     prompts = [tokenizer.tokenize(text) for text in PROMPTS]
     sides = {
         "strata": strata_generator(

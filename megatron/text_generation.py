@@ -147,7 +147,9 @@ def generate_batch(
         if not any(active):
             break
         real = torch.cat([real, real.new_ones(batch, 1)], dim=1)
-        new_positions = positions[:, -1:] + 1
+        # A row past its budget keeps running (its output is ignored) until the batch ends;
+        # clamping keeps its positions inside the model's range.
+        new_positions = (positions[:, -1:] + 1).clamp(max=seq_length - 1)
         if cache is not None:  # feed only the newest token; the cache holds the rest
             ids, positions = next_tokens[:, None], new_positions
             mask = real[:, None, None, :] if padded else None

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -102,6 +103,15 @@ def test_temperature_sharpens_and_flattens():
 # --- decoding on a tiny random model ---
 
 
+def naive_greedy(model: GPTModel, prompt: list[int], steps: int) -> list[int]:
+    """The reference: recompute the whole context, take the argmax, append."""
+    tokens = list(prompt)
+    for _ in range(steps):
+        logits = model(torch.tensor([tokens]))[0, -1, :VOCAB]
+        tokens.append(int(logits.argmax()))
+    return tokens[len(prompt) :]
+
+
 @pytest.mark.parametrize(
     "overrides",
     [{}, {"num_kv_heads": 2}, {"pos_emb": "learned"}],
@@ -109,9 +119,21 @@ def test_temperature_sharpens_and_flattens():
 )
 def test_cached_generation_equals_recomputed(overrides):
     model = tiny_model(**overrides)
+    calls: list[int] = []
+    model.register_forward_pre_hook(lambda _, inputs: calls.append(inputs[0].shape[1]))
     cached = greedy(model, PROMPTS, use_cache=True)
+    assert calls == [7] + [1] * 11  # prefill the longest prompt, then one token per step
     assert cached == greedy(model, PROMPTS, use_cache=False)
+    with torch.no_grad():
+        assert cached == [naive_greedy(model, p, 12) for p in PROMPTS]
     assert len({tuple(t) for t in cached}) == len(PROMPTS)  # the continuations differ
+
+
+def test_logits_to_keep_returns_the_last_positions():
+    model = tiny_model()
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, logits_to_keep=2), model(ids)[:, -2:])
 
 
 @pytest.mark.parametrize("use_cache", [True, False], ids=["cached", "recomputed"])
@@ -138,10 +160,13 @@ def test_stops_at_a_stop_token():
         assert after.finished == (stop in before.tokens)
 
 
-def test_generation_ends_at_seq_length():
-    model = tiny_model()
-    results = generate_batch(model, [[1] * 28, [2] * 3], 12, 32, VOCAB)
+@pytest.mark.parametrize("pos_emb", ["rotary", "learned"])
+def test_generation_ends_at_seq_length(pos_emb):
+    model = tiny_model(pos_emb=pos_emb)
+    prompts = [[1] * 28, [2] * 3]
+    results = generate_batch(model, prompts, 12, 32, VOCAB)
     assert [len(r.tokens) for r in results] == [4, 12]
+    assert [r.tokens for r in results] == [greedy(model, [p])[0] for p in prompts]
     with pytest.raises(ValueError, match="prompt 0 has 32 tokens"):
         generate_batch(model, [[1] * 32], 12, 32, VOCAB)
 
@@ -165,6 +190,57 @@ def test_return_logits_gives_one_row_per_token():
     (result,) = generate_batch(model, [PROMPTS[0]], 5, 32, VOCAB, return_logits=True)
     assert len(result.logits) == 5 and all(len(row) == VOCAB for row in result.logits)
     assert [max(range(VOCAB), key=row.__getitem__) for row in result.logits] == result.tokens
+
+
+# --- generate.py ---
+
+
+def generate_entry():
+    """generate.py as a module (it is a script at the repository root)."""
+    spec = importlib.util.spec_from_file_location("generate_entry", REPO / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sampler_batches_prompts_and_cuts_long_ones():
+    from megatron.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer("bytes")
+    model = tiny_model(padded_vocab_size=384)
+    settings = dict(seq_length=32, maximum_tokens=8, temperature=0.0, top_k=0, top_p=0.0)
+    args = SimpleNamespace(
+        **settings, train_micro_batch_size_per_gpu=2, recompute=False, return_logits=True, seed=1
+    )
+    records = generate_entry().Sampler(args, model, tokenizer).complete(["x" * 40, "hi", ""])
+    assert [r["context"] for r in records] == ["x" * 40, "hi", ""]
+    assert (
+        records[0]["message"] == "context has 40 tokens, seq_length is 32: kept its last 24 tokens"
+    )
+    assert [r["message"] for r in records[1:]] == [None, None]
+    contexts = [[ord("x")] * 24, list(b"hi"), [tokenizer.eod]]
+    for record, context in zip(records, contexts):
+        (expected,) = generate_batch(model, [context], 8, 32, 257, stop_tokens=(256,))
+        assert record["text"] == tokenizer.detokenize(expected.tokens)
+        assert record["length"] == len(expected.tokens) == len(record["logits"])
+    # The first two rows shared a batch and so its duration.
+    assert records[0]["duration_seconds"] == records[1]["duration_seconds"]
+
+
+def test_sampler_draws_are_seeded():
+    from megatron.tokenizer import build_tokenizer
+
+    model = tiny_model(padded_vocab_size=384)
+    keys = dict(seq_length=32, maximum_tokens=8, temperature=1.0, top_k=0, top_p=0.0)
+    keys.update(train_micro_batch_size_per_gpu=4, recompute=False, return_logits=False)
+
+    def texts(seed: int) -> list[str]:
+        args = SimpleNamespace(**keys, seed=seed)
+        sampler = generate_entry().Sampler(args, model, build_tokenizer("bytes"))
+        return [r["text"] for r in sampler.complete(["ab", "cd", "ab"])]
+
+    assert texts(5) == texts(5)
+    assert texts(5) != texts(6)
 
 
 # --- generate.py through deepy.py ---
@@ -298,12 +374,9 @@ def test_missing_inputs_are_clear_errors(trained, capsys, overrides, message):
     """Checked before any model work, so the entry point runs in this process."""
     from megatron.entry import run_entry_point
 
-    spec = importlib.util.spec_from_file_location("generate_entry", REPO / "generate.py")
-    entry = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(entry)
     run = trained.parent
     argv = [str(trained), *(o.format(run=run) for o in overrides)]
-    assert run_entry_point(entry.main, argv) == 1
+    assert run_entry_point(generate_entry().main, argv) == 1
     assert message.format(run=run) in capsys.readouterr().err
 
 
