@@ -22,13 +22,18 @@ import json
 import os
 import re
 import shutil
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from megatron import mpu
+from megatron.model.pipeline_checkpoint import pipeline_entries, to_first_rank
+from megatron.mpu.layers import merge_partitions, split_partition
+from megatron.safetensors_stream import StreamingSafetensorsWriter
 from megatron.utils import atomic_write_json, atomic_write_text
 
 FORMAT_VERSION = 1
@@ -139,24 +144,136 @@ class OptimizerView:
         """Create the optimizer state (lazily made on the first step) without changing weights:
         one step with zero gradients at learning rate 0."""
         if not self.base.state:
-            saved_lrs = [group["lr"] for group in self.base.param_groups]
-            params = [p for group in self.base.param_groups for p in group["params"]]
+            groups = self.base.param_groups
+            saved = [(group["params"], group["lr"]) for group in groups]
+            step_params = self._step_params()
+            for group, params in zip(groups, step_params):
+                group["params"], group["lr"] = params, 0.0
+            params = [p for group_params in step_params for p in group_params]
             saved_grads = [p.grad for p in params]
-            for group in self.base.param_groups:
-                group["lr"] = 0.0
             for p in params:
                 p.grad = torch.zeros_like(p)
             self.base.step()
             for p, grad in zip(params, saved_grads):
                 p.grad = grad
-            for group, lr in zip(self.base.param_groups, saved_lrs):
-                group["lr"] = lr
+            for group, (group_params, lr) in zip(groups, saved):
+                group["params"], group["lr"] = group_params, lr
         self._link_state_fragments()
 
+    def _step_params(self) -> list[list[torch.Tensor]]:
+        """Per param group of the base optimizer, the tensors a step updates. ZeRO-3 hands it
+        each sub-group's flat fp32 partition only for the duration of that sub-group's step."""
+        flats = getattr(self.wrapper, "fp32_partitioned_groups_flat", None)
+        if flats is None:
+            return [list(group["params"]) for group in self.base.param_groups]
+        per_group: list[list[torch.Tensor]] = [[] for _ in self.base.param_groups]
+        for sub_group, flat in enumerate(flats):
+            per_group[self.wrapper.sub_group_to_group_id[sub_group]].append(flat)
+        return per_group
 
-def _named_parameters(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    # named_parameters() lists a tied weight once, under its first (canonical) name.
+
+def canonical_named_parameters(
+    module: torch.nn.Module, replicas: bool = True
+) -> list[tuple[str, torch.nn.Parameter]]:
+    """(canonical name, parameter) for each parameter this process holds: the names of
+    GPTModel(args).state_dict() at TP=1. The one place where an engine's module names are
+    mapped to canonical names. named_parameters() lists a tied weight once, under its first
+    (canonical) name; a pipeline stage maps DeepSpeed's names (megatron/model/pipeline.py), and
+    ``replicas=False`` leaves out the last stage's copy of a tied embedding."""
+    pipeline_names = getattr(module, "canonical_named_parameters", None)
+    if pipeline_names is not None:
+        return pipeline_names(replicas)
     return list(module.named_parameters())
+
+
+def _full_state(view: OptimizerView, key: str, p: torch.nn.Parameter) -> torch.Tensor:
+    """The full fp32 optimizer value `key` ("master" or a state key) of `p`."""
+    local = view.get_master(p) if key == "master" else view.get_state(p, key)
+    return gather_tensor_parallel(p, local.to(torch.float32))
+
+
+def _to_writer(p, value, stage: int, shape: tuple[int, ...], dtype: torch.dtype):
+    """`value(p)` (collective within the pipeline stage holding `p`; None on the others),
+    delivered to global rank 0, which writes it."""
+    return to_first_rank(value(p) if p is not None else None, stage, shape, dtype)
+
+
+def _zero3(p: torch.nn.Parameter) -> bool:
+    return hasattr(p, "ds_id")
+
+
+def _tp_split(p: torch.nn.Parameter) -> bool:
+    return (
+        getattr(p, "partition_dim", None) is not None
+        and mpu.get_tensor_model_parallel_world_size() > 1
+    )
+
+
+def full_shape(p: torch.nn.Parameter) -> tuple[int, ...]:
+    """The parameter's shape at TP=1 without ZeRO-3 partitioning."""
+    shape = list(p.ds_shape if _zero3(p) else p.shape)
+    if _tp_split(p):
+        shape[p.partition_dim] *= mpu.get_tensor_model_parallel_world_size()
+    return tuple(shape)
+
+
+def gather_tensor_parallel(p: torch.nn.Parameter, local: torch.Tensor) -> torch.Tensor:
+    """The full tensor from each tensor-parallel rank's `local` slice of parameter `p` (a
+    collective over the tensor-parallel group); `local` itself when `p` is not split."""
+    if not _tp_split(p):
+        return local
+    local = local.contiguous()
+    parts = [torch.empty_like(local) for _ in range(mpu.get_tensor_model_parallel_world_size())]
+    dist.all_gather(parts, local, group=mpu.get_tensor_model_parallel_group())
+    return merge_partitions(parts, p.partition_dim, getattr(p, "partition_stride", 1))
+
+
+def slice_tensor_parallel(p: torch.nn.Parameter, full: torch.Tensor) -> torch.Tensor:
+    """This tensor-parallel rank's slice of a full tensor for parameter `p`."""
+    if not _tp_split(p):
+        return full
+    return split_partition(
+        full,
+        p.partition_dim,
+        mpu.get_tensor_model_parallel_world_size(),
+        mpu.get_tensor_model_parallel_rank(),
+        getattr(p, "partition_stride", 1),
+    )
+
+
+def full_weight(p: torch.nn.Parameter) -> torch.Tensor:
+    """The full (TP=1, ZeRO-3 gathered) value of `p`; a collective: all ranks call it."""
+    if _zero3(p):
+        from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+        with GatheredParameters([p]):
+            local = p.data.detach().clone()
+    else:
+        local = p.detach()
+    return gather_tensor_parallel(p, local)
+
+
+def set_full_weight(p: torch.nn.Parameter, full: torch.Tensor) -> None:
+    """Set `p` from its full value; a collective under ZeRO-3."""
+    local = slice_tensor_parallel(p, full)
+    if _zero3(p):
+        from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+        # Every rank holds the same full tensor; rank 0's copy is re-partitioned on exit.
+        with GatheredParameters([p], modifier_rank=0):
+            p.data.copy_(local)
+    else:
+        p.data.copy_(local)
+
+
+def _layout(args) -> dict:
+    return {
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "data_parallel_size": mpu.get_data_parallel_world_size(),
+        "tensor_parallel_size": mpu.get_tensor_model_parallel_world_size(),
+        "pipe_parallel_size": mpu.get_pipe_parallel_world_size(),
+        "zero_stage": getattr(args, "zero_stage", None) or 0,
+    }
 
 
 def save_checkpoint(
@@ -167,35 +284,55 @@ def save_checkpoint(
     scheduler,
     train_state: dict,
 ) -> Path:
-    """Save everything a resume needs; all ranks call it. Returns the checkpoint folder."""
+    """Save everything a resume needs; all ranks call it. Returns the checkpoint folder.
+
+    Streams: one parameter at a time is gathered to its full value (ZeRO partitions and
+    tensor-parallel slices) and rank 0 appends it to the files, so the extra memory is about
+    one parameter (plus its optimizer states) whatever the model size."""
     save_dir = Path(args.save)
     final = save_dir / tag_for(iteration)
     tmp = save_dir / f".{tag_for(iteration)}.tmp"
-    if _rank() == 0:
+    writing = _rank() == 0
+    if writing:
         save_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "rng").mkdir(parents=True)
     _barrier()
 
-    named = _named_parameters(module)
+    named = canonical_named_parameters(module, replicas=False)
+    local = dict(named)
     view = OptimizerView(optimizer, [p for _, p in named])
     store_master = any(p.dtype != torch.float32 for _, p in named)
     state_keys = view.state_keys()
-    model_tensors, optim_tensors = {}, {}
-    for name, p in named:
-        master = view.get_master(p)
-        states = {key: view.get_state(p, key) for key in state_keys}
-        if _rank() == 0:
-            model_tensors[name] = p.detach().to("cpu").contiguous()
-            if store_master:
-                optim_tensors[f"{name}.master"] = master.to("cpu", torch.float32).contiguous()
-            for key, value in states.items():
-                optim_tensors[f"{name}.{key}"] = value.to("cpu", torch.float32).contiguous()
+    suffixes = (["master"] if store_master else []) + state_keys
+    # The whole model's tensors in order, each with the pipeline stage holding it.
+    entries = pipeline_entries([(name, p.dtype, full_shape(p)) for name, p in named])
+    shapes = {name: shape for name, _, shape, _ in entries}
+    optim_entries = [
+        (f"{name}.{s}", torch.float32, shape) for name, _, shape, _ in entries for s in suffixes
+    ]
+    if writing:
+        model_out = StreamingSafetensorsWriter(
+            tmp / MODEL_FILE, [entry[:3] for entry in entries], {"format": "strata"}
+        )
+        optim_out = StreamingSafetensorsWriter(
+            tmp / OPTIMIZER_FILE, optim_entries, {"format": "strata"}
+        )
+    for name, dtype, shape, stage in entries:
+        p = local.get(name)  # None on the other pipeline stages
+        weight = _to_writer(p, full_weight, stage, shape, dtype)
+        if writing:
+            model_out.write(name, weight)
+        del weight
+        for key in suffixes:
+            value = _to_writer(p, partial(_full_state, view, key), stage, shape, torch.float32)
+            if writing:
+                optim_out.write(f"{name}.{key}", value)
 
     torch.save(mpu.get_rng_state(), tmp / "rng" / f"rank{_rank()}.pt")
-    if _rank() == 0:
-        save_file(model_tensors, tmp / MODEL_FILE, metadata={"format": "strata"})
-        save_file(optim_tensors, tmp / OPTIMIZER_FILE, metadata={"format": "strata"})
+    if writing:
+        model_out.close()
+        optim_out.close()
         metadata = {
             "format_version": FORMAT_VERSION,
             "iteration": iteration,
@@ -203,19 +340,14 @@ def save_checkpoint(
             "optimizer_state_keys": state_keys,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "train_state": train_state,
-            "shapes": {name: list(t.shape) for name, t in model_tensors.items()},
+            "shapes": {name: list(shape) for name, shape in shapes.items()},
             "dtype": str(named[0][1].dtype).replace("torch.", ""),
-            "layout": {
-                "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                "data_parallel_size": mpu.get_data_parallel_world_size(),
-                "tensor_parallel_size": mpu.get_tensor_model_parallel_world_size(),
-                "pipe_parallel_size": mpu.get_pipe_parallel_world_size(),
-            },
+            "layout": _layout(args),
         }
         atomic_write_json(tmp / METADATA_FILE, metadata)
         _write_configs(tmp, getattr(args, "config_files", None) or {})
     _barrier()
-    if _rank() == 0:
+    if writing:
         _publish(save_dir, tmp, iteration)
         _prune(save_dir, getattr(args, "keep_last_n_checkpoints", None))
     _barrier()
@@ -328,20 +460,36 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"load: cannot read {path}: {err}") from err
 
 
-def check_shapes(named: list[tuple[str, torch.nn.Parameter]], tensors: dict, source: Path) -> None:
+def _open_tensors(path: Path):
+    """A lazy safetensors reader: tensors are read one at a time, when asked for."""
+    if not path.is_file():
+        raise CheckpointError(f"load: {path} is missing")
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as err:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"load: cannot read {path}: {err}") from err
+
+
+def _shapes_in(handle) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+
+
+def check_shapes(
+    expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], source: Path
+) -> None:
     problems = []
-    for name, p in named:
-        if name not in tensors:
+    for name, shape in expected.items():
+        if name not in found:
+            problems.append(f"  {name}: missing from the checkpoint (model expects {list(shape)})")
+        elif tuple(found[name]) != tuple(shape):
             problems.append(
-                f"  {name}: missing from the checkpoint (model expects {list(p.shape)})"
+                f"  {name}: checkpoint has {list(found[name])}, model expects {list(shape)}"
             )
-        elif tuple(tensors[name].shape) != tuple(p.shape):
-            problems.append(
-                f"  {name}: checkpoint has {list(tensors[name].shape)}, model expects {list(p.shape)}"
-            )
-    expected = {name for name, _ in named}
-    unexpected = sorted(k for k in tensors if k not in expected)
-    problems += [f"  {name}: in the checkpoint but not in the model" for name in unexpected]
+    problems += [
+        f"  {name}: in the checkpoint but not in the model"
+        for name in sorted(found)
+        if name not in expected
+    ]
     if problems:
         raise CheckpointError(
             f"load: {source} does not match the configured model:\n" + "\n".join(problems)
@@ -356,48 +504,68 @@ def load_checkpoint(
     load_optimizer: bool = True,
     load_rng: bool = True,
 ) -> dict:
-    """Load `{args.load}/latest` into the model (and optimizer, scheduler, RNG). Returns the
-    metadata, whose `iteration` and `train_state` the caller resumes from."""
+    """Load `{args.load}/latest` into the model (and optimizer, scheduler, RNG), whatever layout
+    saved it: each full tensor is read on its own and sliced for this rank (tensor-parallel
+    slices; ZeRO partitions through DeepSpeed). Returns the metadata, whose `iteration` and
+    `train_state` the caller resumes from. Every file is checked before anything is set."""
     folder = resolve_checkpoint(args.load)
     metadata = _read_metadata(folder)
-    named = _named_parameters(module)
-    weights = _read_tensors(folder / MODEL_FILE)
-    check_shapes(named, weights, folder / MODEL_FILE)
-    with torch.no_grad():
-        for name, p in named:
-            p.data.copy_(weights[name])
-    if optimizer is None:
-        return metadata
-
-    view = OptimizerView(optimizer, [p for _, p in named])
-    optim_tensors = {}
+    named = canonical_named_parameters(module)
+    shapes = {name: full_shape(p) for name, p in named}
+    # Checked against the whole model's names (a pipeline stage holds only some).
+    entries = pipeline_entries([(name, p.dtype, shapes[name]) for name, p in named])
+    expected = {name: shape for name, _, shape, _ in entries}
     weights_only = bool(metadata.get("weights_only"))
+    load_optimizer = load_optimizer and optimizer is not None
     if load_optimizer and weights_only:
         raise CheckpointError(
             f"load: {folder} holds model weights only (no optimizer state); load it with "
             "finetune: true (or no_load_optim: true)"
         )
-    if load_optimizer:
-        if not (folder / OPTIMIZER_FILE).is_file():
-            raise CheckpointError(f"load: {folder / OPTIMIZER_FILE} is missing")
-        optim_tensors = _read_tensors(folder / OPTIMIZER_FILE)
+    rng_file = folder / "rng" / f"rank{_rank()}.pt"
+    if not rng_file.is_file():
+        rng_file = folder / "rng" / "rank0.pt"  # a larger world than the one that saved
+    load_rng = load_rng and optimizer is not None and not weights_only
+    if load_rng and not rng_file.is_file():
+        raise CheckpointError(f"load: {rng_file} is missing")
+
+    weights = _open_tensors(folder / MODEL_FILE)
+    check_shapes(expected, _shapes_in(weights), folder / MODEL_FILE)
+    optim = _open_tensors(folder / OPTIMIZER_FILE) if load_optimizer else None
+    if optim is not None:
+        found = set(optim.keys())
+        keys = metadata["optimizer_state_keys"]
+        missing = [f"{n}.{k}" for n in shapes for k in keys if f"{n}.{k}" not in found]
+        if missing:
+            raise CheckpointError(
+                f"load: {folder / OPTIMIZER_FILE} lacks {len(missing)} optimizer tensors "
+                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"
+            )
+    with torch.no_grad():
+        for name, p in named:
+            set_full_weight(p, weights.get_tensor(name))
+    if optimizer is None:
+        return metadata
+
+    view = OptimizerView(optimizer, [p for _, p in named])
+    if optim is not None:
         view.materialize()
+    masters = set(optim.keys()) if optim is not None else set()
     for name, p in named:
         # The fp32 master follows the checkpoint even for weights-only loads, so the optimizer
         # does not step from the freshly initialised values.
-        view.set_master(p, optim_tensors.get(f"{name}.master", weights[name].to(torch.float32)))
-        if load_optimizer:
+        if f"{name}.master" in masters:
+            master = optim.get_tensor(f"{name}.master")
+        else:
+            master = weights.get_tensor(name).to(torch.float32)
+        view.set_master(p, slice_tensor_parallel(p, master))
+        if optim is not None:
             for key in metadata["optimizer_state_keys"]:
-                if f"{name}.{key}" not in optim_tensors:
-                    raise CheckpointError(f"load: {folder / OPTIMIZER_FILE} lacks {name}.{key}")
-                view.set_state(p, key, optim_tensors[f"{name}.{key}"])
+                view.set_state(p, key, slice_tensor_parallel(p, optim.get_tensor(f"{name}.{key}")))
     if load_optimizer:
         view.set_step(metadata["optimizer_step"])
         if scheduler is not None and metadata.get("scheduler"):
             scheduler.load_state_dict(metadata["scheduler"])
-    if load_rng and not weights_only:
-        rng_file = folder / "rng" / f"rank{_rank()}.pt"
-        if not rng_file.is_file():
-            rng_file = folder / "rng" / "rank0.pt"  # a larger world than the one that saved
+    if load_rng:
         mpu.set_rng_state(torch.load(rng_file, weights_only=False))
     return metadata

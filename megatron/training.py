@@ -35,6 +35,7 @@ from megatron.losses import (
     save_reference_model,
 )
 from megatron.model import GPTModel
+from megatron.model.activation_checkpointing import configure_activation_checkpointing
 from megatron.optimizers import build_optimizer
 from megatron.tokenizer import build_tokenizer
 
@@ -57,9 +58,23 @@ def average_across_data_parallel(value: torch.Tensor) -> float:
 
 
 def gradient_norm(parameters) -> float:
-    """L2 norm of all gradients (after DeepSpeed's data-parallel all-reduce, before clipping)."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    return torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
+    """L2 norm of the whole model's gradients (after DeepSpeed's data-parallel all-reduce,
+    before clipping): tensor-parallel shards summed over the tensor-parallel group, replicated
+    parameters counted once."""
+    grads = [p for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    shards = torch.zeros((), dtype=torch.float64, device=grads[0].grad.device)
+    replicated = torch.zeros_like(shards)
+    for p in grads:
+        square = p.grad.detach().double().pow(2).sum()
+        if getattr(p, "tensor_model_parallel", False):
+            shards += square
+        else:
+            replicated += square
+    if mpu.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(shards, group=mpu.get_tensor_model_parallel_group())
+    return (shards + replicated).sqrt().item()
 
 
 class Trainer:
@@ -73,6 +88,9 @@ class Trainer:
         if args.train_iters is None:  # train_epochs: the schedule needs the data's size first
             print_rank_0(resolve_train_epochs(args))
         self.state = TrainState()
+        # pipe_parallel_size 0 and 1 both mean the sequential model.
+        self.pipelined = args.pipe_parallel_size >= 2
+        configure_activation_checkpointing(args)
         self.engine, self.optimizer, self.scheduler = self._setup_model_and_optimizer()
         # DeepSpeed reports the gradient norm only for the optimizers it wraps (ZeRO, bf16).
         self._norm_is_ours = self.engine.optimizer is self.engine.basic_optimizer
@@ -104,14 +122,30 @@ class Trainer:
         import deepspeed
 
         args = self.args
-        model = GPTModel(args).to(self.device)
+        config, self._pipe_clipper = args.deepspeed_config, None
+        if self.pipelined:
+            from megatron.model import pipeline
+
+            model = pipeline.build_pipeline_model(args)
+            pipeline.adjust_deepspeed_config(args, config)
+            if pipeline.plain_optimizer(args):  # the hook clips and reports the norm
+                self._pipe_clipper = pipeline.GradNormClipper(model, args.gradient_clipping)
+                config["gradient_clipping"] = 0.0
+        else:
+            # Vocabulary-parallel logits: the loss is vocab_parallel_cross_entropy.
+            model = GPTModel(args, parallel_output=True).to(self.device)
         optimizer = build_optimizer(args, model)
+        if self._pipe_clipper is not None:
+            optimizer.register_step_pre_hook(self._pipe_clipper)
         scheduler = build_lr_scheduler(args, optimizer)
         engine, _, _, _ = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
-            config=args.deepspeed_config,
+            config=config,
             dist_init_required=False,
+            # Our groups: DeepSpeed all-reduces gradients over the data-parallel group and sums
+            # clipping norms over the tensor-parallel one (a PipelineModule brings its own grid).
+            mpu=None if self.pipelined else mpu,
         )
         return engine, engine.optimizer, scheduler
 
@@ -149,7 +183,7 @@ class Trainer:
     def _loader(self, dataset, consumed: int):
         if dataset is None:
             return None
-        return iter(
+        batches = iter(
             make_data_loader(
                 dataset,
                 consumed,
@@ -159,6 +193,11 @@ class Trainer:
                 self.args.num_workers,
             )
         )
+        if self.pipelined:
+            from megatron.model.pipeline import pipe_batches
+
+            return pipe_batches(batches, self.loss_context)
+        return batches
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -179,7 +218,9 @@ class Trainer:
         """One optimizer step over gradient_accumulation_steps micro-batches."""
         lr = self.scheduler.step(self.state.iteration + 1)
         losses, extras, grad_norm = [], [], None
-        for _ in range(self.args.gradient_accumulation_steps):
+        if self.pipelined:  # the engine runs every micro-batch and the optimizer step
+            losses.append(self.engine.train_batch(train_iter))
+        for _ in range(0 if self.pipelined else self.args.gradient_accumulation_steps):
             loss, extra = self._loss(next(train_iter))
             extras.append(extra)
             self.engine.backward(loss)
@@ -187,7 +228,9 @@ class Trainer:
                 grad_norm = gradient_norm(self.engine.module.parameters())
             self.engine.step()
             losses.append(loss.detach())
-        if not self._norm_is_ours:
+        if self._pipe_clipper is not None:
+            grad_norm = self._pipe_clipper.norm
+        elif not self._norm_is_ours or self.pipelined:
             grad_norm = self.engine.get_global_grad_norm()
         self.state.iteration += 1
         self.state.consumed_train_samples += self.global_batch
@@ -205,7 +248,9 @@ class Trainer:
         self.engine.eval()
         losses, extras = [], []
         for _ in range(self.args.eval_iters):
-            for _ in range(self.args.gradient_accumulation_steps):
+            if self.pipelined:
+                losses.append(self.engine.eval_batch(data_iter))
+            for _ in range(0 if self.pipelined else self.args.gradient_accumulation_steps):
                 loss, extra = self._loss(next(data_iter))
                 losses.append(loss)
                 extras.append(extra)

@@ -48,6 +48,7 @@ def make_args(**overrides: Any) -> SimpleNamespace:
         init_method_std=0.02,
         hidden_dropout=0.0,
         attention_dropout=0.0,
+        sequence_parallel=False,
         use_bias_in_norms=True,
         use_bias_in_attn_linear=True,
         use_bias_in_mlp=True,
@@ -59,6 +60,8 @@ def make_args(**overrides: Any) -> SimpleNamespace:
         mup_embedding_mult=1.0,
         mup_output_temp=1.0,
         mup_attn_temp=1.0,
+        checkpoint_activations=False,
+        checkpoint_num_layers=1,
     )
     unknown = set(overrides) - set(args)
     if unknown:

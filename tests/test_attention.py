@@ -13,6 +13,7 @@ from _config_fixtures import small_config
 from _model_fixtures import fixed_tokens, make_args
 
 import megatron.model.attention as attention_module
+import megatron.model.attention_backends as attention_backends
 from megatron.model import GPTModel, count_parameters
 from megatron.model.attention import SelfAttention
 from megatron.model.attention_backends import AttentionOptions, FlashAttention, SDPAAttention
@@ -535,3 +536,49 @@ def test_flash_backend_matches_sdpa(monkeypatch, window, alibi, kv_heads) -> Non
         flash(q.bfloat16(), k.bfloat16(), v.bfloat16(), scattered, 0.0)
     with pytest.raises(ValueError, match="fp16 or bf16"):
         flash(q, k, v, None, 0.0)
+
+
+# ------------------------------------------------------------- batched decoding fast paths
+
+
+@pytest.mark.parametrize("alibi", [False, True], ids=["bool-mask", "alibi-bias"])
+def test_sdpa_grouped_heads_with_a_mask_equal_repeated_heads(alibi: bool) -> None:
+    kv_heads = 2
+    options = dict(head_dim=8, scale=0.3, alibi_slopes=alibi_slopes(4) if alibi else None)
+    gqa = SDPAAttention(AttentionOptions(num_heads=4, num_kv_heads=kv_heads, **options))
+    mha = SDPAAttention(AttentionOptions(num_heads=4, num_kv_heads=4, **options))
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 4, 1, 8, generator=gen)  # one new token over 9 cached keys
+    k, v = (torch.randn(3, kv_heads, 10, 8, generator=gen) for _ in range(2))
+    real = torch.ones(3, 10, dtype=torch.bool)
+    real[1, :4] = real[2, :7] = False
+    mask = real[:, None, None, :]
+    want = mha(q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1), mask, 0.0)
+    torch.testing.assert_close(gqa(q, k, v, mask, 0.0), want)
+    assert not torch.allclose(gqa(q, k, v, None, 0.0), want)  # the mask matters
+
+
+def test_one_forward_combines_its_mask_once(monkeypatch) -> None:
+    args = make_args(num_kv_heads=2, num_layers=3)
+    model = GPTModel(args).eval()
+    tokens, positions, mask = _padded_batch(args, pad=3)
+    with torch.no_grad():
+        want = model(tokens, positions, mask)
+        calls = []
+        original = attention_backends._allowed_keys
+        monkeypatch.setattr(
+            attention_backends,
+            "_allowed_keys",
+            lambda *a: calls.append(a[:2]) or original(*a),
+        )
+        torch.testing.assert_close(model(tokens, positions, mask), want, atol=0, rtol=0)
+        assert len(calls) == 1  # not once per layer
+        # The sharing ends with the forward: a mask changed in place is seen by the next one.
+        mask = mask.clone()
+        mask[1, :, :, :2] = False
+        changed = model(tokens, positions, mask)
+        assert len(calls) == 2
+        assert not torch.allclose(changed[1], want[1])
+        # A layer called on its own computes its own mask.
+        model.layers[0](torch.randn(2, tokens.size(1), args.hidden_size), positions, mask)
+        assert len(calls) == 3

@@ -20,9 +20,11 @@ from megatron.model.positional import build_alibi_slopes, build_query_key_positi
 from megatron.mpu.initialize import (
     get_tensor_model_parallel_rank,
     get_tensor_model_parallel_world_size,
+    sequence_parallel_is_on,
 )
 from megatron.mpu.layers import ColumnParallelLinear, InitMethod, RowParallelLinear
 from megatron.mpu.mappings import reduce_from_tensor_model_parallel_region
+from megatron.mpu.random import get_rng_tracker
 
 
 class _Resized:
@@ -96,6 +98,7 @@ class SelfAttention(nn.Module):
             bias=args.use_bias_in_attn_linear,
             gather_output=False,
             params_dtype=args.params_dtype,
+            sequence_parallel=sequence_parallel_is_on(args),
         )
         self.dense = RowParallelLinear(
             heads * head_dim,
@@ -104,6 +107,7 @@ class SelfAttention(nn.Module):
             bias=args.use_bias_in_attn_linear,
             input_is_parallel=True,
             params_dtype=args.params_dtype,
+            sequence_parallel=sequence_parallel_is_on(args),
         )
         # QK norm (Dehghani et al. 2023): one norm over each head's channels, shared by heads.
         self.q_norm = self.k_norm = None
@@ -143,8 +147,9 @@ class SelfAttention(nn.Module):
         to [b, 1, s, s] ([b, 1, s, cache.length + s] with a cache); attention is always causal
         and the mask restricts it further (documents, padding). ``position_ids`` [b or 1, s]
         default to 0..s-1, or to cache.length + 0..s-1 with ``kv_cache``."""
-        b, s, _ = x.shape
-        qkv = self.query_key_value(x).view(b, s, self.local_kv_heads, self.group + 2, self.head_dim)
+        qkv = self.query_key_value(x)  # the whole sequence, also under sequence_parallel
+        b, s, _ = qkv.shape
+        qkv = qkv.view(b, s, self.local_kv_heads, self.group + 2, self.head_dim)
         q = qkv[:, :, :, : self.group].reshape(b, s, self.local_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, qkv[:, :, :, -2], qkv[:, :, :, -1]))
         if self.q_norm is not None:
@@ -155,5 +160,11 @@ class SelfAttention(nn.Module):
             q, k = self.qk_positional(q, k, position_ids)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_number, k, v)
-        out = self.core(q, k, v, attention_mask, self.dropout_p if self.training else 0.0)
+        dropout = self.dropout_p if self.training else 0.0
+        if dropout > 0.0:
+            # This rank's heads only: the tracker's per-tensor-parallel-rank stream.
+            with get_rng_tracker().fork():
+                out = self.core(q, k, v, attention_mask, dropout)
+        else:
+            out = self.core(q, k, v, attention_mask, dropout)
         return self.dense(out.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim))

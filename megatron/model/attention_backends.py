@@ -14,7 +14,9 @@ head h // (heads / kv_heads). ALiBi lowers the score of key j for query i by slo
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +106,28 @@ def _distances(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
     return q_idx[:, None] - torch.arange(k_len, device=device)[None, :]
 
 
+# Within shared_attention_masks(): (id(mask), q_len, k_len, window, device) -> (mask, allowed).
+_SHARED_MASKS: ContextVar[dict[tuple, tuple] | None] = ContextVar("_SHARED_MASKS", default=None)
+
+
+@contextmanager
+def shared_attention_masks() -> Iterator[None]:
+    """Compute ``allowed_keys`` once per mask and shape inside the block, not once per layer.
+
+    A model forward passes the same ``attention_mask`` object to every layer, and the mask
+    cannot change while the forward runs, so its combination with the causal (and window)
+    limits is shared; each entry keeps its mask alive, so an id is never reused in the block.
+    """
+    if _SHARED_MASKS.get() is not None:  # nested: the outer block's entries stay valid
+        yield
+        return
+    token = _SHARED_MASKS.set({})
+    try:
+        yield
+    finally:
+        _SHARED_MASKS.reset(token)
+
+
 def allowed_keys(
     q_len: int,
     k_len: int,
@@ -112,6 +136,22 @@ def allowed_keys(
     device: torch.device,
 ) -> torch.Tensor:
     """Boolean [.., q_len, k_len]: causal, within the window, and allowed by ``mask``."""
+    shared = _SHARED_MASKS.get()
+    if shared is None:
+        return _allowed_keys(q_len, k_len, mask, window, device)
+    key = (id(mask), q_len, k_len, window, device)
+    if key not in shared:
+        shared[key] = (mask, _allowed_keys(q_len, k_len, mask, window, device))
+    return shared[key][1]
+
+
+def _allowed_keys(
+    q_len: int,
+    k_len: int,
+    mask: torch.Tensor | None,
+    window: int | None,
+    device: torch.device,
+) -> torch.Tensor:
     dist = _distances(q_len, k_len, device)
     allowed = dist >= 0
     if window is not None:
@@ -144,6 +184,13 @@ def _expand_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 # SDPA's enable_gqa appeared in torch 2.5 (pyproject allows 2.4).
 _SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def _native_gqa(masked: bool, device: torch.device) -> bool:
+    """Whether SDPA reads the shared key/value heads itself rather than copies. With an explicit
+    mask only on CPU, where the fused kernel is checked to take both (other devices keep the
+    expanded heads their masked kernels are known to accept)."""
+    return _SDPA_GQA and (not masked or device.type == "cpu")
 
 
 class SDPAAttention(nn.Module):
@@ -180,9 +227,9 @@ class SDPAAttention(nn.Module):
                 attn_mask = bias.masked_fill(~allowed, float("-inf")).to(q.dtype)
         extra = {}
         if k.size(1) != q.size(1):
-            if attn_mask is None and _SDPA_GQA:
+            if _native_gqa(attn_mask is not None, q.device):
                 extra["enable_gqa"] = True
-            else:  # the masked kernels want as many key/value heads as query heads
+            else:  # the kernel wants as many key/value heads as query heads
                 k, v = _expand_kv(k, q.size(1)), _expand_kv(v, q.size(1))
         return F.scaled_dot_product_attention(
             q,

@@ -8,16 +8,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron.model.activation_checkpointing import checkpointed
+from megatron.model.attention_backends import shared_attention_masks
 from megatron.model.embedding import EmbeddingLayer
 from megatron.model.init_methods import build_init_method
 from megatron.model.kv_cache import KVCache
 from megatron.model.mup import mark_width_independent, width_multiplier
 from megatron.model.norms import build_norm
 from megatron.model.transformer import TransformerLayer
+from megatron.mpu.initialize import sequence_parallel_is_on
 from megatron.mpu.layers import partitioned_parameter
 from megatron.mpu.mappings import (
     copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
     gather_from_tensor_model_parallel_region,
+    reduce_gradients_across_tensor_parallel,
+    scatter_to_sequence_parallel_region,
 )
 from megatron.mpu.random import init_rng
 
@@ -33,6 +39,8 @@ class FinalNorm(nn.Module):
     def __init__(self, args: Any) -> None:
         super().__init__()
         self.norm = build_norm(args)
+        if sequence_parallel_is_on(args):  # it sees only this rank's positions
+            reduce_gradients_across_tensor_parallel(self.norm.parameters())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x)
@@ -92,7 +100,13 @@ class GPTModel(nn.Module):
         super().__init__()
         self.embedding = EmbeddingLayer(args)
         self.layers = nn.ModuleList(TransformerLayer(args, i) for i in range(args.num_layers))
+        # Blocks per recomputed chunk in training (0: keep every activation).
+        self.checkpoint_num_layers = (
+            args.checkpoint_num_layers if args.checkpoint_activations else 0
+        )
         self.final_norm = FinalNorm(args)
+        # Between tensor-parallel regions each rank holds s / tp positions (sequence_parallel).
+        self.sequence_parallel = sequence_parallel_is_on(args)
         self.lm_head = LMHead(
             args,
             tied_embedding=None if args.no_weight_tying else self.embedding,
@@ -117,14 +131,47 @@ class GPTModel(nn.Module):
         """
         if kv_cache is not None and position_ids is None:
             position_ids = kv_cache.positions(input_ids.size(1), input_ids.device)
+        if self.sequence_parallel and kv_cache is not None:
+            raise ValueError(
+                "sequence_parallel is a training layout: generate with sequence_parallel false"
+            )
         h = self.embedding(input_ids, position_ids)
-        for layer in self.layers:
-            h = layer(h, position_ids, attention_mask, kv_cache)
+        if self.sequence_parallel:
+            h = scatter_to_sequence_parallel_region(h)
+        if self.checkpoint_num_layers and self.training and torch.is_grad_enabled():
+            h = self._checkpointed_layers(h, position_ids, attention_mask)
+        else:
+            with shared_attention_masks():  # every layer gets the same mask: combine it once
+                for layer in self.layers:
+                    h = layer(h, position_ids, attention_mask, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(input_ids.size(1))
+        h = self.final_norm(h)
+        if self.sequence_parallel:
+            # The head's input copy already sums the gradient over the ranks.
+            h = gather_from_sequence_parallel_region(h, grad_is_partial=False)
         if logits_to_keep > 0:
             h = h[:, -logits_to_keep:]
-        return self.lm_head(self.final_norm(h))
+        return self.lm_head(h)
+
+    def _checkpointed_layers(
+        self,
+        h: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The blocks in chunks of checkpoint_num_layers, each recomputed in the backward."""
+        size = self.checkpoint_num_layers
+        for start in range(0, len(self.layers), size):
+            chunk = self.layers[start : start + size]
+
+            def run(x: torch.Tensor, *inputs: torch.Tensor | None, chunk=chunk) -> torch.Tensor:
+                for layer in chunk:
+                    x = layer(x, *inputs)
+                return x
+
+            h = checkpointed(run, h, position_ids, attention_mask)
+        return h
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from megatron.model.activations import get_activation, is_gated
+from megatron.mpu.initialize import sequence_parallel_is_on
 from megatron.mpu.layers import ColumnParallelLinear, InitMethod, RowParallelLinear
 from megatron.neox_arguments.sizes import ffn_sizes
 
@@ -34,6 +35,7 @@ class MLP(nn.Module):
             gather_output=False,
             params_dtype=args.params_dtype,
             stride=2 if self.gated else 1,
+            sequence_parallel=sequence_parallel_is_on(args),
         )
         self.dense_4h_to_h = RowParallelLinear(
             width,
@@ -42,6 +44,7 @@ class MLP(nn.Module):
             bias=args.use_bias_in_mlp,
             input_is_parallel=True,
             params_dtype=args.params_dtype,
+            sequence_parallel=sequence_parallel_is_on(args),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -99,6 +99,11 @@ def get_tensor_model_parallel_rank() -> int:
     return _rank(_TENSOR_GROUP)
 
 
+def sequence_parallel_is_on(args) -> bool:
+    """Whether activations between tensor-parallel regions are split along the sequence."""
+    return bool(args.sequence_parallel) and get_tensor_model_parallel_world_size() > 1
+
+
 def get_data_parallel_group() -> ProcessGroup | None:
     return _group(_DATA_GROUP)
 
@@ -121,3 +126,19 @@ def get_pipe_parallel_world_size() -> int:
 
 def get_pipe_parallel_rank() -> int:
     return _rank(_PIPE_GROUP)
+
+
+# DeepSpeed's names (deepspeed.initialize(mpu=megatron.mpu)): without a pipeline engine its
+# "model parallel" group is the tensor-parallel one, over which it sums gradient norms.
+
+
+def get_model_parallel_group() -> ProcessGroup | None:
+    return get_tensor_model_parallel_group()
+
+
+def get_model_parallel_world_size() -> int:
+    return get_tensor_model_parallel_world_size()
+
+
+def get_model_parallel_rank() -> int:
+    return get_tensor_model_parallel_rank()

@@ -22,8 +22,11 @@ from megatron.mpu.initialize import (
 )
 from megatron.mpu.mappings import (
     copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
     gather_from_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
+    reduce_gradients_across_tensor_parallel,
+    reduce_scatter_to_sequence_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
 
@@ -82,6 +85,9 @@ def partitioned_parameter(
     param = nn.Parameter(torch.empty(part.shape, dtype=params_dtype).copy_(part))
     param.partition_dim = partition_dim
     param.partition_stride = stride
+    # DeepSpeed's gradient clipping counts such parameters on every tensor-parallel rank and
+    # replicated ones on the first only (deepspeed.runtime.utils.is_model_parallel_parameter).
+    param.tensor_model_parallel = True
     return param
 
 
@@ -96,7 +102,8 @@ class ColumnParallelLinear(nn.Module):
 
     ``stride`` > 1 splits each of ``stride`` equal blocks of output rows separately (a gated
     MLP's ``[gate; up]``), so a rank's output holds its part of every block; ``gather_output``
-    then returns the rank-major order, so keep it False with stride > 1.
+    then returns the rank-major order, so keep it False with stride > 1. With
+    ``sequence_parallel`` the input is this rank's positions [b, s / tp, h], gathered here.
     """
 
     def __init__(
@@ -109,23 +116,34 @@ class ColumnParallelLinear(nn.Module):
         gather_output: bool = True,
         params_dtype: torch.dtype = torch.float32,
         stride: int = 1,
+        sequence_parallel: bool = False,
     ) -> None:
         super().__init__()
         if stride > 1 and gather_output:
             raise ValueError("ColumnParallelLinear: gather_output needs stride 1")
+        if sequence_parallel and gather_output:
+            raise ValueError("ColumnParallelLinear: sequence_parallel needs gather_output=False")
         self.gather_output = gather_output
+        self.sequence_parallel = sequence_parallel
         self.weight = partitioned_parameter(
             (output_size, input_size), 0, init_method, params_dtype, stride
         )
         self.bias = _zero_bias(output_size, 0, params_dtype, stride) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(copy_to_tensor_model_parallel_region(x), self.weight, self.bias)
+        if self.sequence_parallel:
+            x = gather_from_sequence_parallel_region(x)
+        else:
+            x = copy_to_tensor_model_parallel_region(x)
+        y = F.linear(x, self.weight, self.bias)
         return gather_from_tensor_model_parallel_region(y) if self.gather_output else y
 
 
 class RowParallelLinear(nn.Module):
-    """y = x A^T + b with A split along its input dimension; partial products are summed."""
+    """y = x A^T + b with A split along its input dimension; partial products are summed.
+
+    With ``sequence_parallel`` the sum is reduce-scattered: each rank gets its positions.
+    """
 
     def __init__(
         self,
@@ -136,17 +154,27 @@ class RowParallelLinear(nn.Module):
         bias: bool = True,
         input_is_parallel: bool = False,
         params_dtype: torch.dtype = torch.float32,
+        sequence_parallel: bool = False,
     ) -> None:
         super().__init__()
+        if sequence_parallel and not input_is_parallel:
+            raise ValueError("RowParallelLinear: sequence_parallel needs input_is_parallel=True")
         self.input_is_parallel = input_is_parallel
+        self.sequence_parallel = sequence_parallel
         self.weight = partitioned_parameter((output_size, input_size), 1, init_method, params_dtype)
         # The bias is added once, after the reduction, so every rank holds all of it.
         self.bias = _zero_bias(output_size, None, params_dtype) if bias else None
+        if self.bias is not None and sequence_parallel:
+            reduce_gradients_across_tensor_parallel([self.bias])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tensor_model_parallel_region(x)
-        y = reduce_from_tensor_model_parallel_region(F.linear(x, self.weight))
+        y = F.linear(x, self.weight)
+        if self.sequence_parallel:
+            y = reduce_scatter_to_sequence_parallel_region(y)
+        else:
+            y = reduce_from_tensor_model_parallel_region(y)
         return y if self.bias is None else y + self.bias
 
 

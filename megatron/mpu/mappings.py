@@ -1,6 +1,8 @@
 """Autograd-aware communication at the edges of tensor-parallel regions.
 
-Each function is the identity when the tensor-parallel group has one rank.
+Each function is the identity when the tensor-parallel group has one rank. The sequence-parallel
+ones cut activations [b, s, h] along the sequence (dimension 1): between tensor-parallel regions
+each rank holds s / tp positions (Korthikanti et al. 2022).
 """
 
 from __future__ import annotations
@@ -34,6 +36,42 @@ def _gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(get_tensor_model_parallel_world_size())]
     dist.all_gather(parts, x, group=get_tensor_model_parallel_group())
     return torch.cat(parts, dim=-1)
+
+
+SEQUENCE_DIM = 1
+
+
+def _sequence_world(x: torch.Tensor) -> int:
+    world = get_tensor_model_parallel_world_size()
+    if x.size(SEQUENCE_DIM) % world != 0:
+        raise ValueError(
+            f"sequence length {x.size(SEQUENCE_DIM)} is not divisible by the TP size {world} "
+            "(sequence_parallel)"
+        )
+    return world
+
+
+def _split_sequence(x: torch.Tensor) -> torch.Tensor:
+    world = _sequence_world(x)
+    return x.chunk(world, dim=SEQUENCE_DIM)[get_tensor_model_parallel_rank()].contiguous()
+
+
+def _gather_sequence(x: torch.Tensor) -> torch.Tensor:
+    # Collectives work on dimension 0: move the sequence there and back.
+    front = x.movedim(SEQUENCE_DIM, 0).contiguous()
+    out = front.new_empty(
+        (front.size(0) * get_tensor_model_parallel_world_size(), *front.shape[1:])
+    )
+    dist.all_gather_single(out, front, group=get_tensor_model_parallel_group())
+    return out.movedim(0, SEQUENCE_DIM)
+
+
+def _reduce_scatter_sequence(x: torch.Tensor) -> torch.Tensor:
+    world = _sequence_world(x)
+    front = x.movedim(SEQUENCE_DIM, 0).contiguous()
+    out = front.new_empty((front.size(0) // world, *front.shape[1:]))
+    dist.reduce_scatter_single(out, front, group=get_tensor_model_parallel_group())
+    return out.movedim(0, SEQUENCE_DIM)
 
 
 class _CopyToRegion(torch.autograd.Function):
@@ -102,3 +140,76 @@ def gather_from_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
     if get_tensor_model_parallel_world_size() == 1:
         return x
     return _GatherFromRegion.apply(x)
+
+
+class _ScatterToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return _split_sequence(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _gather_sequence(grad)
+
+
+class _GatherFromSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, grad_is_partial: bool) -> torch.Tensor:
+        ctx.grad_is_partial = grad_is_partial
+        return _gather_sequence(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        # A partial gradient (each rank's consumer used its own weight shard) is summed over
+        # the ranks; either way this rank keeps its positions.
+        if ctx.grad_is_partial:
+            return _reduce_scatter_sequence(grad), None
+        return _split_sequence(grad), None
+
+
+class _ReduceScatterToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return _reduce_scatter_sequence(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _gather_sequence(grad)
+
+
+def scatter_to_sequence_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    """Keep this rank's positions of a replicated [b, s, h]; gather the gradient backward."""
+    if get_tensor_model_parallel_world_size() == 1:
+        return x
+    return _ScatterToSequence.apply(x)
+
+
+def gather_from_sequence_parallel_region(
+    x: torch.Tensor, grad_is_partial: bool = True
+) -> torch.Tensor:
+    """All-gather the sequence; backward, reduce-scatter the gradient (the input of a
+    column-parallel op, whose gradient is partial on each rank), or only split it when
+    ``grad_is_partial`` is False (the consumer already sums it over the ranks)."""
+    if get_tensor_model_parallel_world_size() == 1:
+        return x
+    return _GatherFromSequence.apply(x, grad_is_partial)
+
+
+def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    """Sum partial outputs and keep this rank's positions (output of a row-parallel op);
+    all-gather the gradient backward."""
+    if get_tensor_model_parallel_world_size() == 1:
+        return x
+    return _ReduceScatterToSequence.apply(x)
+
+
+def reduce_gradients_across_tensor_parallel(params) -> None:
+    """Sum these replicated parameters' gradients over the tensor-parallel group.
+
+    Under sequence parallelism a replicated weight (a norm, a row-parallel bias) sees only this
+    rank's positions, so its gradient is partial on every rank.
+    """
+    if get_tensor_model_parallel_world_size() == 1:
+        return
+    for param in params:
+        param.register_hook(_all_reduce)

@@ -1,4 +1,12 @@
-"""Seeding and the RNG state that checkpoints save and restore."""
+"""Seeding, the model-parallel RNG tracker and the RNG state that checkpoints save and restore.
+
+Two random streams serve dropout under tensor parallelism (as in Megatron-LM): the default
+generator, seeded alike on every rank, for activations every tensor-parallel rank holds in full
+(hidden dropout), so the ranks stay identical; and the tracker's model-parallel stream, seeded
+per tensor-parallel rank, for activations split across ranks (attention probabilities of this
+rank's heads), so each shard draws its own mask. Data-parallel replicas share both streams, as
+in Megatron-LM.
+"""
 
 from __future__ import annotations
 
@@ -10,20 +18,99 @@ from typing import Any
 import numpy as np
 import torch
 
+from megatron.mpu.initialize import get_tensor_model_parallel_rank
+
+MODEL_PARALLEL_RNG = "model-parallel-rng"
+# Megatron-LM's offset between the shared seed and the tensor-parallel streams' seeds.
+_MODEL_PARALLEL_SEED_OFFSET = 2718
+
+
+GeneratorStates = dict[str, torch.Tensor]
+
+
+def _generator_states() -> GeneratorStates:
+    """The generators dropout may draw from: the CPU's and the current CUDA device's."""
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def _set_generator_states(states: GeneratorStates) -> None:
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def _model_parallel_seed(seed: int) -> int:
+    return seed + _MODEL_PARALLEL_SEED_OFFSET + get_tensor_model_parallel_rank()
+
+
+class RNGStatesTracker:
+    """Named generator states; ``fork(name)`` runs a block on one and keeps its advance."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, GeneratorStates] = {}
+
+    def reset(self) -> None:
+        self.states = {}
+
+    def add(self, name: str, seed: int) -> None:
+        if name in self.states:
+            raise ValueError(f"RNG stream {name!r} already exists")
+        outer = _generator_states()
+        torch.manual_seed(seed)
+        self.states[name] = _generator_states()
+        _set_generator_states(outer)
+
+    def get_states(self) -> dict[str, GeneratorStates]:
+        return {name: dict(states) for name, states in self.states.items()}
+
+    def set_states(self, states: dict[str, GeneratorStates]) -> None:
+        self.states = {name: dict(generators) for name, generators in states.items()}
+
+    @contextmanager
+    def fork(self, name: str = MODEL_PARALLEL_RNG) -> Iterator[None]:
+        if name not in self.states:
+            if name != MODEL_PARALLEL_RNG:
+                raise KeyError(f"RNG stream {name!r} is not set up")
+            # A model used without model_parallel_seed (a plain Python session): derive the
+            # stream from torch's seed, as model_parallel_seed would.
+            self.add(name, _model_parallel_seed(torch.initial_seed()))
+        outer = _generator_states()
+        _set_generator_states(self.states[name])
+        try:
+            yield
+        finally:
+            self.states[name] = _generator_states()
+            _set_generator_states(outer)
+
+
+_TRACKER = RNGStatesTracker()
+
+
+def get_rng_tracker() -> RNGStatesTracker:
+    return _TRACKER
+
 
 def model_parallel_seed(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and every CUDA device)."""
+    """Seed Python, NumPy and torch (CPU and every CUDA device) alike on every rank, and the
+    tracker's model-parallel stream per tensor-parallel rank (after the process groups exist)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    _TRACKER.reset()
+    _TRACKER.add(MODEL_PARALLEL_RNG, _model_parallel_seed(seed))
 
 
 def get_rng_state() -> dict[str, Any]:
-    """Python, NumPy, torch CPU and (when present) CUDA generator states, as a picklable dict."""
+    """Python, NumPy, torch CPU, (when present) CUDA and the tracker's generator states, as a
+    picklable dict."""
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
+        "tracker": _TRACKER.get_states(),
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -40,6 +127,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "tracker" in state:
+        _TRACKER.set_states(state["tracker"])
 
 
 @contextmanager

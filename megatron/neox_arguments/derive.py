@@ -172,10 +172,15 @@ def _zero(args: Any) -> None:
     where = args.where("zero_optimization")
     if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage <= 3:
         raise ConfigError(f"zero_optimization.stage{where} must be 0, 1, 2 or 3, got {stage!r}")
-    if stage >= 2:
+    # ZeRO 2/3 partition gradients/parameters across data-parallel ranks, which DeepSpeed's
+    # pipeline engine cannot do and Strata's tensor-parallel layers do not support.
+    parallel = {k: getattr(args, k) for k in ("model_parallel_size", "pipe_parallel_size")}
+    if stage >= 2 and any(v > 1 for v in parallel.values()):
         raise ConfigError(
-            f"zero_optimization.stage={stage}{where}: ZeRO stage {stage} is not supported yet; "
-            "use stage 0 or 1"
+            f"zero_optimization.stage={stage}{where} cannot be combined with "
+            + ", ".join(f"{k}={v}" for k, v in parallel.items())
+            + ": ZeRO stages 2 and 3 are for pure data parallelism; use stage 0 or 1 with "
+            "tensor or pipeline parallelism"
         )
     for key in ("offload_optimizer", "offload_param"):
         device = (zero.get(key) or {}).get("device", "none")

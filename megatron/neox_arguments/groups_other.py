@@ -20,7 +20,9 @@ class NeoXArgsParallelism:
     world_size: int | None = arg(None, "Processes in the job (set by the launcher).", DERIVED)
     is_pipe_parallel: bool = arg(False, "Whether pipeline parallelism is on.", DERIVED)
     sequence_parallel: bool = arg(
-        False, "Megatron sequence parallelism (no effect at model_parallel_size 1).", HINT
+        False,
+        "Megatron sequence parallelism: activations between tensor-parallel regions are split "
+        "along the sequence (no effect at model_parallel_size 1; training only).",
     )
     expert_interval: int = arg(2, "One MoE layer every this many layers (with MoE).")
 

@@ -9,6 +9,7 @@ from typing import Any
 from megatron.neox_arguments.errors import Problems
 from megatron.neox_arguments.fields import Support, field_doc
 from megatron.neox_arguments.schema import FIELDS
+from megatron.neox_arguments.sizes import ffn_sizes
 
 # Where each derived key comes from, for the error when a config sets it.
 DERIVED_FROM = {
@@ -57,24 +58,46 @@ def check_support(args: Any, problems: Problems) -> None:
                 f"{key}={value!r}{args.where(key)} is not supported yet "
                 f"({doc}); only NeoX's default {f.default!r} is accepted"
             )
-    for key, feature in (
-        ("model_parallel_size", "tensor parallelism"),
-        ("pipe_parallel_size", "pipeline parallelism"),
-    ):
-        value = getattr(args, key)
-        if value < 0:
-            problems.add(f"{key} must be >= 0, got {value}")
-        elif value > 1:
-            problems.add(
-                f"{key}={value}{args.where(key)}: {feature} is not supported "
-                "yet; use 1 (0 and 1 both mean none)"
-            )
+    if args.model_parallel_size < 0:
+        problems.add(f"model_parallel_size must be >= 0, got {args.model_parallel_size}")
+    if args.pipe_parallel_size < 0:
+        problems.add(f"pipe_parallel_size must be >= 0, got {args.pipe_parallel_size}")
+    elif args.pipe_parallel_size > 1:
+        _check_pipeline(args, problems)
     if not args.deepspeed:
         problems.add("deepspeed=False: Strata always trains through DeepSpeed")
     if args.data_impl == "cached":
         problems.add(
             "data_impl='cached' is not supported yet; Strata reads mmap (MMIDIDX) datasets"
         )
+
+
+def _check_pipeline(args: Any, problems: Problems) -> None:
+    """What DeepSpeed's pipeline engine runs today (pipe_parallel_size >= 2)."""
+    pp, where = args.pipe_parallel_size, args.where("pipe_parallel_size")
+    if args.num_layers and args.num_layers < pp:
+        problems.add(
+            f"num_layers ({args.num_layers}) must be >= pipe_parallel_size ({pp}){where}: "
+            "every pipeline stage needs at least one transformer layer"
+        )
+    method = args.pipe_partition_method
+    if method not in ("parameters", "uniform") and not method.startswith("type:"):
+        problems.add(
+            f"pipe_partition_method={method!r}{args.where('pipe_partition_method')}: expected "
+            "'parameters', 'uniform' or 'type:<regex of layer class names>'"
+        )
+    unsupported = {
+        "train_impl": args.train_impl != "normal",
+        "reset_position_ids": args.reset_position_ids,
+        "reset_attention_mask": args.reset_attention_mask,
+    }
+    for key, used in unsupported.items():
+        if used:
+            problems.add(
+                f"{key}={getattr(args, key)!r}{args.where(key)} with pipe_parallel_size={pp}"
+                f"{where} is not supported yet (pipelines train train_impl 'normal' on plain "
+                "causal batches); set pipe_parallel_size to 1"
+            )
 
 
 def _positive(args: Any, problems: Problems, keys: tuple[str, ...], minimum: int = 1) -> None:
@@ -176,6 +199,7 @@ def check_values(args: Any, problems: Problems) -> None:
     _check_blending(args, problems)
     _check_train_impl(args, problems)
     _check_attention(args, problems)
+    _check_tensor_parallel(args, problems)
     _check_mlp_norm_mup(args, problems)
 
 
@@ -316,6 +340,32 @@ def _check_attention(args: Any, problems: Problems) -> None:
         )
     # flash-attn / Transformer Engine are checked when the model is built: the launching host
     # (a login node) may lack GPU packages that the workers have.
+
+
+def _check_tensor_parallel(args: Any, problems: Problems) -> None:
+    """Every split dimension divides by model_parallel_size (the vocabulary is padded to)."""
+    tp = max(args.model_parallel_size, 1)
+    if tp == 1:
+        return
+    heads = args.num_attention_heads
+    if heads and heads > 0 and heads % tp:
+        problems.add(
+            f"num_attention_heads ({heads}) must be divisible by model_parallel_size ({tp}): "
+            "each tensor-parallel rank holds whole heads"
+        )
+    if args.hidden_size and args.hidden_size > 0:
+        width = ffn_sizes(args)[1]
+        if width % tp:
+            problems.add(
+                f"the MLP width ({width}, from intermediate_size / expansion_factor) must be "
+                f"divisible by model_parallel_size ({tp})"
+            )
+    if args.sequence_parallel and args.seq_length and args.seq_length % tp:
+        problems.add(
+            f"seq_length ({args.seq_length}) must be divisible by model_parallel_size ({tp}) "
+            f"with sequence_parallel{args.where('sequence_parallel')}: between tensor-parallel "
+            "regions each rank holds seq_length / model_parallel_size positions"
+        )
 
 
 def _check_train_impl(args: Any, problems: Problems) -> None:

@@ -1,0 +1,60 @@
+"""Activation checkpointing: recompute transformer blocks in the backward pass.
+
+Both the sequential model and the pipeline stages use DeepSpeed's ``checkpoint`` (which saves
+and restores the RNG states, so dropout draws the same masks when a block is recomputed);
+``configure_activation_checkpointing`` sets it up from the NeoX keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from megatron.mpu.random import get_rng_tracker
+
+
+def configure_activation_checkpointing(args: Any) -> None:
+    """Configure deepspeed.checkpointing when `checkpoint_activations` is on (every rank)."""
+    if not args.checkpoint_activations:
+        return
+    import deepspeed
+
+    from megatron import mpu
+
+    deepspeed.checkpointing.configure(
+        mpu,
+        partition_activations=args.partition_activations,
+        num_checkpoints=args.num_layers,
+    )
+
+
+def checkpointed(
+    run: Callable[..., torch.Tensor], hidden: torch.Tensor, *inputs: torch.Tensor | None
+) -> torch.Tensor:
+    """``run(hidden, *inputs)``, keeping only its inputs and recomputing it in the backward.
+
+    DeepSpeed restores the default generators for the recomputation; the tensor-parallel
+    dropout stream (mpu's RNG tracker) is restored here, and put back afterwards so the
+    recomputation does not rewind it.
+    """
+    import deepspeed
+
+    tracker = get_rng_tracker()
+    start = tracker.get_states()
+    calls = 0
+
+    def replay(*args: torch.Tensor | None) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # the forward pass itself
+            return run(*args)
+        live = tracker.get_states()
+        tracker.set_states(start)
+        try:
+            return run(*args)
+        finally:
+            tracker.set_states(live)
+
+    return deepspeed.checkpointing.checkpoint(replay, hidden, *inputs)

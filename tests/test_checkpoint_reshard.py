@@ -1,0 +1,272 @@
+"""Through the real launcher: a checkpoint saved at one layout (data-parallel size, ZeRO stage)
+resumes at another and continues the uninterrupted run's losses; damaged checkpoints are clear
+errors before any training step."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from _config_fixtures import small_config
+from safetensors import safe_open
+from test_training import failing_run, losses, train
+
+from megatron.safetensors_stream import StreamingSafetensorsWriter
+
+pytestmark = pytest.mark.timeout(900)
+
+# fp32, no dropout: every layout computes the same losses (up to reduction order). NeoX pads
+# the vocabulary to a multiple of make_vocab_size_divisible_by x model_parallel_size: 256 gives
+# tensor-parallel sizes 1 and 2 the same model.
+COMMON = dict(
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+    eval_interval=6,
+    train_iters=12,
+    make_vocab_size_divisible_by=256,
+)
+REL = 1e-4
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    dp: int = 1
+    zero: int = 0
+    pp: int = 1
+
+    def __str__(self) -> str:
+        return f"tp{self.tp}-pp{self.pp}-dp{self.dp}-zero{self.zero}"
+
+    def config(self) -> dict:
+        """Config keys for this layout with the global batch of one process x 2 steps."""
+        zero: dict = {"stage": self.zero}
+        if self.zero == 3:
+            # Partition every parameter (DeepSpeed keeps small ones whole on each rank).
+            zero["stage3_param_persistence_threshold"] = 0
+        return dict(
+            model_parallel_size=self.tp,
+            pipe_parallel_size=self.pp,
+            num_gpus=self.tp * self.pp * self.dp,
+            gradient_accumulation_steps=2 // self.dp,
+            zero_optimization=zero,
+        )
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, text_dataset) -> tuple[dict, Path]:
+    """12 uninterrupted steps in one process, saving at step 6."""
+    tmp = tmp_path_factory.mktemp("reference")
+    return train(tmp, "full", text_dataset, checkpoint_factor=6, **COMMON, **Layout().config())
+
+
+def assert_close(got: dict, want: dict) -> None:
+    assert got.keys() <= want.keys()
+    worst = max(abs(value - want[key]) / abs(want[key]) for key, value in got.items())
+    print(f"\nmax rel loss diff vs the uninterrupted run: {worst:.2e}")  # pytest -s shows it
+    for key, value in got.items():
+        assert value == pytest.approx(want[key], rel=REL), key
+
+
+@pytest.mark.parametrize(
+    ("saved", "resumed"),
+    [
+        (Layout(dp=2, zero=1), Layout()),
+        (Layout(), Layout(dp=2, zero=2)),
+        (Layout(dp=2, zero=3), Layout()),
+        (Layout(dp=2, zero=2), Layout(dp=2, zero=3)),
+        (Layout(tp=2), Layout()),
+        (Layout(tp=2, zero=1), Layout(dp=2, zero=2)),
+    ],
+    ids=str,
+)
+def test_resume_at_another_layout(tmp_path, text_dataset, reference, saved, resumed):
+    full, _ = reference
+    first, run = train(
+        tmp_path,
+        "first",
+        text_dataset,
+        exit_interval=6,
+        checkpoint_factor=0,
+        **COMMON,
+        **saved.config(),
+    )
+    assert max(i for i, _ in first) == 6
+    metadata = json.loads((run / "ckpt" / "global_step6" / "metadata.json").read_text())
+    assert metadata["layout"]["tensor_parallel_size"] == saved.tp
+    assert metadata["layout"]["data_parallel_size"] == saved.dp
+    assert metadata["layout"]["zero_stage"] == saved.zero
+    second, _ = train(
+        tmp_path,
+        "second",
+        text_dataset,
+        load=str(run / "ckpt"),
+        checkpoint_factor=0,
+        **COMMON,
+        **resumed.config(),
+    )
+    assert min(i for i, split in second if split == "train") == 7
+    assert_close(losses({**first, **second}), losses(full))
+
+
+@pytest.fixture(scope="module")
+def three_d(tmp_path_factory, text_dataset) -> tuple[dict, Path]:
+    """6 steps at (tp, pp, dp) = (2, 2, 2), saved."""
+    tmp = tmp_path_factory.mktemp("three_d")
+    saved = Layout(tp=2, pp=2, dp=2, zero=1)
+    return train(
+        tmp, "first", text_dataset, exit_interval=6, checkpoint_factor=0, **COMMON, **saved.config()
+    )
+
+
+@pytest.mark.parametrize("resumed", [Layout(), Layout(dp=2, zero=2), Layout(tp=2)], ids=str)
+def test_resume_a_3d_checkpoint_at_another_layout(
+    tmp_path, text_dataset, reference, three_d, resumed
+):
+    full, _ = reference
+    first, run = three_d
+    second, _ = train(
+        tmp_path,
+        "second",
+        text_dataset,
+        load=str(run / "ckpt"),
+        checkpoint_factor=0,
+        **COMMON,
+        **resumed.config(),
+    )
+    assert min(i for i, split in second if split == "train") == 7
+    assert_close(losses({**first, **second}), losses(full))
+
+
+BF16_REL = 1e-3  # measured: 2e-5 (bf16 weights, fp32 master and moments)
+
+
+def test_bf16_resume_from_zero3_on_one_process(tmp_path, text_dataset):
+    """bf16 with ZeRO-3's partitioned fp32 master and moments, resumed by one process."""
+    bf16 = dict(COMMON, precision="bf16", checkpoint_factor=0)
+    full, _ = train(tmp_path, "full", text_dataset, **bf16, **Layout(zero=1).config())
+    first, run = train(
+        tmp_path, "first", text_dataset, exit_interval=6, **bf16, **Layout(dp=2, zero=3).config()
+    )
+    folder = run / "ckpt" / "global_step6"
+    with safe_open(folder / "optimizer.safetensors", "pt") as handle:
+        master = handle.get_tensor("final_norm.norm.weight.master")
+    assert master.dtype == torch.float32 and master.shape == (64,)
+    second, _ = train(
+        tmp_path, "second", text_dataset, load=str(run / "ckpt"), **bf16, **Layout(zero=1).config()
+    )
+    resumed = losses({**first, **second})
+    for key, value in losses(full).items():
+        assert resumed[key] == pytest.approx(value, rel=BF16_REL), key
+
+
+def test_checkpoints_hold_full_tensors_whatever_the_layout(tmp_path, text_dataset, reference):
+    """ZeRO-3 partitions every weight; the saved tensors are the full ones, equal to one
+    process's after the same steps."""
+    _, run = train(
+        tmp_path,
+        "zero3",
+        text_dataset,
+        exit_interval=6,
+        checkpoint_factor=0,
+        **COMMON,
+        **Layout(dp=2, zero=3).config(),
+    )
+    _, full_run = reference
+    for filename in ("model.safetensors", "optimizer.safetensors"):
+        with (
+            safe_open(run / "ckpt" / "global_step6" / filename, "pt") as got,
+            safe_open(full_run / "ckpt" / "global_step6" / filename, "pt") as want,
+        ):
+            assert set(got.keys()) == set(want.keys())
+            for name in want.keys():
+                expected = want.get_tensor(name)
+                assert got.get_tensor(name).shape == expected.shape, name
+                torch.testing.assert_close(
+                    got.get_tensor(name), expected, rtol=1e-3, atol=1e-5, msg=name
+                )
+
+
+def damaged_copy(tmp_path: Path, reference: tuple[dict, Path]) -> Path:
+    _, run = reference
+    target = tmp_path / "ckpt"
+    shutil.copytree(run / "ckpt", target)
+    (target / "latest").write_text("global_step6")
+    return target
+
+
+def fail_to_load(tmp_path: Path, data: str, ckpt: Path) -> str:
+    """stderr of a run (the reference's model) that must fail to load `ckpt`."""
+    vocab = COMMON["make_vocab_size_divisible_by"]
+    return failing_run(
+        tmp_path, data, load=str(ckpt), save=None, make_vocab_size_divisible_by=vocab
+    )
+
+
+def test_missing_optimizer_file_is_an_error(tmp_path, text_dataset, reference):
+    ckpt = damaged_copy(tmp_path, reference)
+    (ckpt / "global_step6" / "optimizer.safetensors").unlink()
+    stderr = fail_to_load(tmp_path, text_dataset, ckpt)
+    assert "global_step6/optimizer.safetensors is missing" in stderr
+
+
+def test_truncated_model_file_is_an_error(tmp_path, text_dataset, reference):
+    ckpt = damaged_copy(tmp_path, reference)
+    model = ckpt / "global_step6" / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:-100])
+    stderr = fail_to_load(tmp_path, text_dataset, ckpt)
+    assert "cannot read" in stderr and "model.safetensors" in stderr
+
+
+def test_missing_rng_states_are_an_error(tmp_path, text_dataset, reference):
+    ckpt = damaged_copy(tmp_path, reference)
+    shutil.rmtree(ckpt / "global_step6" / "rng")
+    stderr = fail_to_load(tmp_path, text_dataset, ckpt)
+    assert "rng/rank0.pt is missing" in stderr
+
+
+def test_streaming_writer_output_reads_back(tmp_path):
+    tensors = {
+        "a": torch.randn(3, 5),
+        "b": torch.randn(7).to(torch.bfloat16),
+        "c": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+    }
+    path = tmp_path / "x.safetensors"
+    writer = StreamingSafetensorsWriter(
+        path, [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    )
+    for name, value in tensors.items():
+        writer.write(name, value)
+    assert not path.exists()  # only renamed into place when complete
+    writer.close()
+    with safe_open(path, "pt") as handle:
+        for name, value in tensors.items():
+            assert torch.equal(handle.get_tensor(name), value)
+
+
+def test_streaming_writer_rejects_unexpected_tensors(tmp_path):
+    path = tmp_path / "x.safetensors"
+    writer = StreamingSafetensorsWriter(
+        path, [("a", torch.float32, (2,)), ("b", torch.float32, (3,))]
+    )
+    with pytest.raises(ValueError, match=r"entry 0 should be a torch.float32 \[2\], got a .*\[4\]"):
+        writer.write("a", torch.zeros(4))
+    writer.write("a", torch.zeros(2))
+    with pytest.raises(ValueError, match="1 tensors never written"):
+        writer.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("key", ["model_parallel_size", "pipe_parallel_size"])
+def test_zero_2_and_3_with_model_parallelism_are_config_errors(stage, key):
+    from megatron.neox_arguments import NeoXArgs
+    from megatron.neox_arguments.errors import ConfigError
+
+    values = small_config(None, num_gpus=2, zero_optimization={"stage": stage}, **{key: 2})
+    with pytest.raises(ConfigError, match=rf"zero_optimization.stage={stage} .*{key}=2"):
+        NeoXArgs.from_dict(values)
