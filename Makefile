@@ -32,7 +32,9 @@ quickstart: $(QS)/stdlib_text_document.bin
 		text_gen_type=unconditional maximum_tokens=96 temperature=0.8 top_k=40 \
 		sample_output_file=logs/quickstart/samples.jsonl
 
+# Bytecode first: the suite launches hundreds of processes that import the repository.
 test: $(ENV_READY)
+	$(PYTHON) -m compileall -q megatron tools
 	$(PYTHON) -m pytest -q tests
 
 lint: $(ENV_READY)

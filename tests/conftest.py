@@ -14,11 +14,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def assets() -> Path:
-    """$STRATA_ASSETS; tests that need it skip when it is unset."""
+    """$STRATA_ASSETS as an absolute path (tests link to it from temporary folders); tests that
+    need it skip when it is unset."""
     root = os.environ.get("STRATA_ASSETS")
     if not root:
         pytest.skip("STRATA_ASSETS is not set")
-    return Path(root)
+    return Path(root).resolve()
 
 
 def run_tool(*argv: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:

@@ -1,6 +1,6 @@
-"""Through the real launcher: a checkpoint saved at one layout (data-parallel size, ZeRO stage)
-resumes at another and continues the uninterrupted run's losses; damaged checkpoints are clear
-errors before any training step."""
+"""Through the real launcher: a checkpoint saved at one layout (tensor, pipeline and
+data-parallel sizes, ZeRO stage) resumes at another and continues the uninterrupted run's
+losses; damaged checkpoints are clear errors before any training step."""
 
 from __future__ import annotations
 
@@ -57,11 +57,55 @@ class Layout:
         )
 
 
+SAVED_AT = 6
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, text_dataset) -> tuple[dict, Path]:
     """12 uninterrupted steps in one process, saving at step 6."""
     tmp = tmp_path_factory.mktemp("reference")
-    return train(tmp, "full", text_dataset, checkpoint_factor=6, **COMMON, **Layout().config())
+    return train(
+        tmp, "full", text_dataset, checkpoint_factor=SAVED_AT, **COMMON, **Layout().config()
+    )
+
+
+def checkpoint_at(ckpt: Path, step: int, target: Path) -> Path:
+    """A load folder whose `latest` is `ckpt`'s global_step{step} (linked, not copied)."""
+    target.mkdir(parents=True)
+    (target / f"global_step{step}").symlink_to(ckpt / f"global_step{step}")
+    (target / "latest").write_text(f"global_step{step}")
+    return target
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, text_dataset, reference):
+    """saved(layout) -> (metrics of its first 6 steps, load folder of its step-6 checkpoint).
+
+    Each layout trains once for the whole module; one process's is the reference run's own."""
+    cache: dict[Layout, tuple[dict, Path]] = {}
+
+    def get(layout: Layout) -> tuple[dict, Path]:
+        if layout not in cache:
+            tmp = tmp_path_factory.mktemp(f"saved-{layout}")
+            if layout == Layout():
+                full, run = reference
+                first = {key: value for key, value in full.items() if key[0] <= SAVED_AT}
+                cache[layout] = first, checkpoint_at(run / "ckpt", SAVED_AT, tmp / "ckpt")
+            else:
+                first, run = train(
+                    tmp,
+                    "first",
+                    text_dataset,
+                    exit_interval=SAVED_AT,
+                    checkpoint_factor=0,
+                    **COMMON,
+                    **layout.config(),
+                )
+                assert max(i for i, _ in first) == SAVED_AT
+                cache[layout] = first, run / "ckpt"
+        return cache[layout]
+
+    return get
 
 
 def assert_close(got: dict, want: dict) -> None:
@@ -72,73 +116,47 @@ def assert_close(got: dict, want: dict) -> None:
         assert value == pytest.approx(want[key], rel=REL), key
 
 
+THREE_D = Layout(tp=2, pp=2, dp=2, zero=1)
+
+
 @pytest.mark.parametrize(
-    ("saved", "resumed"),
+    ("saved_at", "resumed_at"),
     [
         (Layout(dp=2, zero=1), Layout()),
         (Layout(), Layout(dp=2, zero=2)),
         (Layout(dp=2, zero=3), Layout()),
         (Layout(dp=2, zero=2), Layout(dp=2, zero=3)),
-        (Layout(tp=2), Layout()),
+        (Layout(tp=2, zero=1), Layout()),
         (Layout(tp=2, zero=1), Layout(dp=2, zero=2)),
+        (Layout(pp=2), Layout()),
+        (Layout(), Layout(pp=2)),
+        (THREE_D, Layout()),
+        (THREE_D, Layout(dp=2, zero=2)),
+        (THREE_D, Layout(tp=2)),
     ],
     ids=str,
 )
-def test_resume_at_another_layout(tmp_path, text_dataset, reference, saved, resumed):
+def test_resume_at_another_layout(tmp_path, text_dataset, reference, saved, saved_at, resumed_at):
+    """Checkpoints hold full tensors under canonical names: any (tp, pp, dp, ZeRO) loads them."""
     full, _ = reference
-    first, run = train(
-        tmp_path,
-        "first",
-        text_dataset,
-        exit_interval=6,
-        checkpoint_factor=0,
-        **COMMON,
-        **saved.config(),
+    first, ckpt = saved(saved_at)
+    metadata = json.loads((ckpt / f"global_step{SAVED_AT}" / "metadata.json").read_text())
+    layout = metadata["layout"]
+    assert (layout["tensor_parallel_size"], layout["pipe_parallel_size"]) == (
+        saved_at.tp,
+        saved_at.pp,
     )
-    assert max(i for i, _ in first) == 6
-    metadata = json.loads((run / "ckpt" / "global_step6" / "metadata.json").read_text())
-    assert metadata["layout"]["tensor_parallel_size"] == saved.tp
-    assert metadata["layout"]["data_parallel_size"] == saved.dp
-    assert metadata["layout"]["zero_stage"] == saved.zero
+    assert (layout["data_parallel_size"], layout["zero_stage"]) == (saved_at.dp, saved_at.zero)
     second, _ = train(
         tmp_path,
         "second",
         text_dataset,
-        load=str(run / "ckpt"),
+        load=str(ckpt),
         checkpoint_factor=0,
         **COMMON,
-        **resumed.config(),
+        **resumed_at.config(),
     )
-    assert min(i for i, split in second if split == "train") == 7
-    assert_close(losses({**first, **second}), losses(full))
-
-
-@pytest.fixture(scope="module")
-def three_d(tmp_path_factory, text_dataset) -> tuple[dict, Path]:
-    """6 steps at (tp, pp, dp) = (2, 2, 2), saved."""
-    tmp = tmp_path_factory.mktemp("three_d")
-    saved = Layout(tp=2, pp=2, dp=2, zero=1)
-    return train(
-        tmp, "first", text_dataset, exit_interval=6, checkpoint_factor=0, **COMMON, **saved.config()
-    )
-
-
-@pytest.mark.parametrize("resumed", [Layout(), Layout(dp=2, zero=2), Layout(tp=2)], ids=str)
-def test_resume_a_3d_checkpoint_at_another_layout(
-    tmp_path, text_dataset, reference, three_d, resumed
-):
-    full, _ = reference
-    first, run = three_d
-    second, _ = train(
-        tmp_path,
-        "second",
-        text_dataset,
-        load=str(run / "ckpt"),
-        checkpoint_factor=0,
-        **COMMON,
-        **resumed.config(),
-    )
-    assert min(i for i, split in second if split == "train") == 7
+    assert min(i for i, split in second if split == "train") == SAVED_AT + 1
     assert_close(losses({**first, **second}), losses(full))
 
 
@@ -164,22 +182,14 @@ def test_bf16_resume_from_zero3_on_one_process(tmp_path, text_dataset):
         assert resumed[key] == pytest.approx(value, rel=BF16_REL), key
 
 
-def test_checkpoints_hold_full_tensors_whatever_the_layout(tmp_path, text_dataset, reference):
+def test_checkpoints_hold_full_tensors_whatever_the_layout(reference, saved):
     """ZeRO-3 partitions every weight; the saved tensors are the full ones, equal to one
     process's after the same steps."""
-    _, run = train(
-        tmp_path,
-        "zero3",
-        text_dataset,
-        exit_interval=6,
-        checkpoint_factor=0,
-        **COMMON,
-        **Layout(dp=2, zero=3).config(),
-    )
+    _, ckpt = saved(Layout(dp=2, zero=3))
     _, full_run = reference
     for filename in ("model.safetensors", "optimizer.safetensors"):
         with (
-            safe_open(run / "ckpt" / "global_step6" / filename, "pt") as got,
+            safe_open(ckpt / "global_step6" / filename, "pt") as got,
             safe_open(full_run / "ckpt" / "global_step6" / filename, "pt") as want,
         ):
             assert set(got.keys()) == set(want.keys())

@@ -63,15 +63,13 @@ def zero_extra(stage: int) -> dict[str, Any]:
 
 LAYOUTS = [
     Layout(tp=2),
-    Layout(tp=2, dp=2, zero=0),
     Layout(tp=2, dp=2, zero=1),
     Layout(tp=2, extra={"sequence_parallel": True}),
     # Pipelines (DeepSpeed's PipelineModule, tied embeddings across the first and last stage).
     Layout(pp=2),
     Layout(pp=2, dp=2, zero=1),
-    Layout(tp=2, pp=2),
-    Layout(tp=2, pp=2, dp=2, zero=0),
     Layout(tp=2, pp=2, extra={"sequence_parallel": True}),
+    Layout(tp=2, pp=2, dp=2, zero=0),
     # Activation checkpointing: the sequential model and pipeline stages recompute blocks.
     Layout(extra={"checkpoint_activations": True}),
     # ZeRO 2 and 3: pure data parallelism. Stage 3 partitions every parameter (DeepSpeed keeps
