@@ -225,7 +225,12 @@ def gather_tensor_parallel(p: torch.nn.Parameter, local: torch.Tensor) -> torch.
     local = local.contiguous()
     parts = [torch.empty_like(local) for _ in range(mpu.get_tensor_model_parallel_world_size())]
     dist.all_gather(parts, local, group=mpu.get_tensor_model_parallel_group())
-    return merge_partitions(parts, p.partition_dim, getattr(p, "partition_stride", 1))
+    return merge_partitions(
+        parts,
+        p.partition_dim,
+        getattr(p, "partition_stride", 1),
+        getattr(p, "partition_order", None),
+    )
 
 
 def slice_tensor_parallel(p: torch.nn.Parameter, full: torch.Tensor) -> torch.Tensor:
@@ -238,6 +243,7 @@ def slice_tensor_parallel(p: torch.nn.Parameter, full: torch.Tensor) -> torch.Te
         mpu.get_tensor_model_parallel_world_size(),
         mpu.get_tensor_model_parallel_rank(),
         getattr(p, "partition_stride", 1),
+        getattr(p, "partition_order", None),
     )
 
 

@@ -78,6 +78,13 @@ TP_CONFIGS: list[dict[str, Any]] = [
     {"activation": "swiglu", "norm": "rmsnorm", "intermediate_size": 192},
     # GQA: each rank holds one whole key/value group and its heads' ALiBi slopes
     {"num_kv_heads": 2, "pos_emb": "alibi", "sliding_window_width": 6, "use_qk_layernorm": True},
+    # One key/value head shared by every rank: each holds part of its channels (and bias).
+    {"num_kv_heads": 1, "use_qk_layernorm": True, "rotary_pct": 1.0},
+]
+# At TP=4, pairs of ranks share a key/value head (a subgroup of the tensor-parallel group).
+SHARED_KV_CONFIGS: list[dict[str, Any]] = [
+    {"num_kv_heads": 2, "pos_emb": "alibi"},
+    {"num_kv_heads": 1, "use_qk_layernorm": True, "sequence_parallel": True},
 ]
 
 
@@ -108,14 +115,18 @@ def run_model(model: torch.nn.Module, args: SimpleNamespace) -> dict[str, Any]:
             grad = gather_from_tensor_model_parallel_region(grad.movedim(dim, -1)).movedim(-1, dim)
             # Rank-major slices -> canonical order (a gated MLP's [gate; up] has stride 2).
             parts = list(grad.chunk(get_tensor_model_parallel_world_size(), dim))
-            grad = merge_partitions(parts, dim, param.partition_stride)
+            order = getattr(param, "partition_order", None)
+            grad = merge_partitions(parts, dim, param.partition_stride, order)
         grads[name] = grad.detach().clone()
     full_logits = gather_from_tensor_model_parallel_region(logits.detach())
     return {"logits": full_logits, "loss": loss.detach(), "grads": grads}
 
 
-def tp_worker(rank: int, world_size: int, port: int, out_path: str) -> None:
-    """Entry point of one spawned rank: run TP_CONFIGS at TP=world_size, rank 0 saves results."""
+def tp_worker(
+    rank: int, world_size: int, port: int, out_path: str, configs: list[dict] | None = None
+) -> None:
+    """Entry point of one spawned rank: run `configs` (TP_CONFIGS) at TP=world_size, rank 0
+    saves the results."""
     from megatron.model import GPTModel
     from megatron.mpu import destroy_model_parallel, initialize_model_parallel
 
@@ -126,7 +137,7 @@ def tp_worker(rank: int, world_size: int, port: int, out_path: str) -> None:
     try:
         initialize_model_parallel(tensor_parallel_size=world_size)
         results = []
-        for overrides in TP_CONFIGS:
+        for overrides in TP_CONFIGS if configs is None else configs:
             args = make_args(**overrides)
             results.append(run_model(GPTModel(args, parallel_output=True), args))
         if rank == 0:

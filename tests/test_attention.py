@@ -12,10 +12,9 @@ import torch
 from _config_fixtures import small_config
 from _model_fixtures import fixed_tokens, make_args
 
-import megatron.model.attention as attention_module
 import megatron.model.attention_backends as attention_backends
 from megatron.model import GPTModel, count_parameters
-from megatron.model.attention import SelfAttention
+from megatron.model.attention import SelfAttention, kv_replicas, replicated_kv_row_order
 from megatron.model.attention_backends import AttentionOptions, FlashAttention, SDPAAttention
 from megatron.model.kv_cache import KVCache
 from megatron.model.positional import POS_EMBS, alibi_slopes, rope_inv_freq
@@ -445,12 +444,19 @@ def test_config_checks_attention_keys() -> None:
     assert model(torch.zeros(1, 5, dtype=torch.long)).shape == (1, 5, args.padded_vocab_size)
 
 
-def test_kv_heads_must_split_evenly_across_tensor_parallel_ranks(monkeypatch) -> None:
-    monkeypatch.setattr(attention_module, "get_tensor_model_parallel_world_size", lambda: 4)
-    with pytest.raises(
-        ValueError, match=r"num_kv_heads \(2\).*tensor-parallel size \(4\).*issue 5"
-    ):
-        SelfAttention(make_args(num_kv_heads=2), torch.nn.init.normal_, torch.nn.init.normal_)
+def test_ranks_share_key_value_heads_when_there_are_fewer_than_ranks() -> None:
+    assert kv_replicas(kv_heads=4, heads=8, head_dim=16, tp=2) == 1
+    assert kv_replicas(kv_heads=2, heads=8, head_dim=16, tp=4) == 2
+    assert kv_replicas(kv_heads=1, heads=8, head_dim=16, tp=8) == 8
+    for kv_heads, heads, head_dim, tp in [(3, 12, 8, 4), (2, 6, 8, 4), (1, 8, 6, 4)]:
+        with pytest.raises(ValueError, match=rf"num_kv_heads \({kv_heads}\)"):
+            kv_replicas(kv_heads, heads, head_dim, tp)
+    # One key/value head of 4 channels after 4 query heads, shared by 2 ranks: rank 0 holds
+    # query heads 0-1 and channels 0-1 of the key and value, rank 1 the rest.
+    order = replicated_kv_row_order(kv_heads=1, group=4, head_dim=4, replicas=2)
+    assert sorted(order.tolist()) == list(range(24))
+    assert order[:12].tolist() == [*range(8), 16, 17, 20, 21]
+    assert order[12:].tolist() == [*range(8, 16), 18, 19, 22, 23]
 
 
 def _fake_flash_module() -> types.ModuleType:

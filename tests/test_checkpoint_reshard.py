@@ -160,6 +160,21 @@ def test_resume_at_another_layout(tmp_path, text_dataset, reference, saved, save
     assert_close(losses({**first, **second}), losses(full))
 
 
+def test_shared_key_value_heads_match_and_resume_on_one_process(tmp_path, text_dataset):
+    """One key/value head shared by two tensor-parallel ranks (each holds half its channels):
+    the losses of one process, and its checkpoint resumes on one process."""
+    gqa = dict(COMMON, num_kv_heads=1, checkpoint_factor=0)
+    full, _ = train(tmp_path, "full", text_dataset, **gqa, **Layout().config())
+    first, run = train(
+        tmp_path, "first", text_dataset, exit_interval=6, **gqa, **Layout(tp=2).config()
+    )
+    second, _ = train(
+        tmp_path, "second", text_dataset, load=str(run / "ckpt"), **gqa, **Layout().config()
+    )
+    assert min(i for i, split in second if split == "train") == SAVED_AT + 1
+    assert_close(losses({**first, **second}), losses(full))
+
+
 BF16_REL = 1e-3  # measured: 2e-5 (bf16 weights, fp32 master and moments)
 
 

@@ -12,7 +12,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from _model_fixtures import TP_CONFIGS, fixed_tokens, make_args, run_model, tp_worker
+from _model_fixtures import (
+    SHARED_KV_CONFIGS,
+    TP_CONFIGS,
+    fixed_tokens,
+    make_args,
+    run_model,
+    tp_worker,
+)
 
 from megatron.model import GPTModel, count_parameters
 from megatron.mpu import get_rng_state, parallel_grid, set_rng_state, vocab_parallel_cross_entropy
@@ -330,15 +337,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_tensor_parallel_matches_single_process(tmp_path) -> None:
-    out = tmp_path / "tp2.pt"
-    mp.start_processes(tp_worker, args=(2, _free_port(), str(out)), nprocs=2, start_method="spawn")
+@pytest.mark.parametrize(("tp", "configs"), [(2, TP_CONFIGS), (4, SHARED_KV_CONFIGS)])
+def test_tensor_parallel_matches_single_process(tmp_path, tp, configs) -> None:
+    out = tmp_path / f"tp{tp}.pt"
+    mp.start_processes(
+        tp_worker, args=(tp, _free_port(), str(out), configs), nprocs=tp, start_method="spawn"
+    )
     results = torch.load(out)
-    for overrides, tp in zip(TP_CONFIGS, results, strict=True):
+    for overrides, result in zip(configs, results, strict=True):
         args = make_args(**overrides)
         single = run_model(GPTModel(args), args)
-        torch.testing.assert_close(tp["logits"], single["logits"], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(tp["loss"], single["loss"])
-        assert tp["grads"].keys() == single["grads"].keys()
+        torch.testing.assert_close(result["logits"], single["logits"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(result["loss"], single["loss"])
+        assert result["grads"].keys() == single["grads"].keys()
         for name, grad in single["grads"].items():
-            torch.testing.assert_close(tp["grads"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+            torch.testing.assert_close(result["grads"][name], grad, atol=1e-5, rtol=1e-4, msg=name)

@@ -181,8 +181,24 @@ def dataset(tmp_path: Path) -> str:
             r"num_attention_heads \(4\) must be divisible by model_parallel_size \(3\)",
         ),
         (
-            dict(model_parallel_size=4, num_gpus=4, num_attention_heads=8, num_kv_heads=2),
-            r"num_kv_heads \(2\) must be divisible by model_parallel_size \(4\)",
+            dict(
+                model_parallel_size=4,
+                num_gpus=4,
+                hidden_size=96,
+                num_attention_heads=12,
+                num_kv_heads=3,
+            ),
+            r"num_kv_heads \(3\) and model_parallel_size \(4\) must divide one another",
+        ),
+        (
+            dict(
+                model_parallel_size=8,
+                num_gpus=8,
+                hidden_size=48,
+                num_attention_heads=8,
+                num_kv_heads=2,
+            ),
+            r"head_dim \(6\) must be divisible by the 4 ranks sharing each key/value head",
         ),
         (
             dict(model_parallel_size=2, num_gpus=2, intermediate_size=99, mlp_multiple_of=1),

@@ -23,7 +23,10 @@ from megatron.mpu.initialize import (
     sequence_parallel_is_on,
 )
 from megatron.mpu.layers import ColumnParallelLinear, InitMethod, RowParallelLinear
-from megatron.mpu.mappings import reduce_from_tensor_model_parallel_region
+from megatron.mpu.mappings import (
+    gather_from_tensor_parallel_subgroup,
+    reduce_from_tensor_model_parallel_region,
+)
 from megatron.mpu.random import get_rng_tracker
 
 
@@ -53,6 +56,38 @@ def head_counts(args: Any) -> tuple[int, int, int]:
     return heads, kv_heads, hidden // heads
 
 
+def kv_replicas(kv_heads: int, heads: int, head_dim: int, tp: int) -> int:
+    """How many tensor-parallel ranks share each key/value head: 1 when every rank holds whole
+    key/value groups, tp / kv_heads when there are fewer key/value heads than ranks (each of
+    those ranks then holds 1/replicas of the shared head's channels); a clear error otherwise."""
+    if kv_heads % tp == 0:
+        return 1
+    replicas = tp // kv_heads
+    if tp % kv_heads or heads % tp or head_dim % replicas:
+        raise ValueError(
+            f"num_kv_heads ({kv_heads}) and the tensor-parallel size ({tp}) must divide one "
+            f"another; with fewer key/value heads than ranks, num_attention_heads ({heads}) "
+            f"must be divisible by the tensor-parallel size and head_dim ({head_dim}) by the "
+            f"ranks sharing a key/value head ({max(replicas, 1)})"
+        )
+    return replicas
+
+
+def replicated_kv_row_order(kv_heads: int, group: int, head_dim: int, replicas: int):
+    """The fused QKV rows in rank order when `replicas` ranks share each key/value head: rank
+    g * replicas + j holds key/value group g's query heads j * group / replicas onwards, then
+    part j of the group's key rows and part j of its value rows."""
+    rows = torch.arange(kv_heads * (group + 2) * head_dim).view(kv_heads, group + 2, head_dim)
+    heads, channels = group // replicas, head_dim // replicas
+    order = []
+    for g in range(kv_heads):
+        for j in range(replicas):
+            part = slice(j * channels, (j + 1) * channels)
+            order += [rows[g, j * heads : (j + 1) * heads].flatten(), rows[g, group, part]]
+            order.append(rows[g, group + 1, part])
+    return torch.cat(order)
+
+
 def softmax_scale(args: Any, head_dim: int) -> float:
     """1/sqrt(d); muP uses 1/d (divided by mup_attn_temp) so logits stay O(1) as width grows."""
     if args.use_mup:
@@ -66,7 +101,9 @@ class SelfAttention(nn.Module):
     The QKV output rows are grouped per key/value head: [kv_heads, heads_per_kv + 2, head_dim]
     (the group's query heads, then its key, then its value). With as many key/value heads as
     query heads this is GPT-NeoX's per-head [heads, 3, head_dim] layout, and splitting the rows
-    across tensor-parallel ranks gives each rank whole groups.
+    across tensor-parallel ranks gives each rank whole groups. With fewer key/value heads than
+    ranks, the ranks sharing a head each hold part of its channels and gather the rest (a
+    reduce-scatter of the gradient backward), so every weight still lives on one rank only.
     """
 
     def __init__(
@@ -79,18 +116,16 @@ class SelfAttention(nn.Module):
         super().__init__()
         heads, kv_heads, head_dim = head_counts(args)
         tp = get_tensor_model_parallel_world_size()
-        if kv_heads % tp:
-            raise ValueError(
-                f"num_kv_heads ({kv_heads}) must be divisible by the tensor-parallel size "
-                f"({tp}): each rank holds whole key/value groups (replicating key/value heads "
-                "when num_kv_heads < tensor-parallel size is not supported yet, issue 5)"
-            )
+        self.kv_replicas = kv_replicas(kv_heads, heads, head_dim, tp)
         self.layer_number = layer_number
         self.head_dim = head_dim
         self.group = heads // kv_heads  # query heads per key/value head
-        self.local_kv_heads = kv_heads // tp
-        self.local_heads = self.local_kv_heads * self.group
+        self.local_kv_heads = max(kv_heads // tp, 1)
+        self.local_heads = heads // tp
         self.dropout_p = args.attention_dropout
+        row_order = None
+        if self.kv_replicas > 1:
+            row_order = replicated_kv_row_order(kv_heads, self.group, head_dim, self.kv_replicas)
         self.query_key_value = ColumnParallelLinear(
             args.hidden_size,
             (heads + 2 * kv_heads) * head_dim,
@@ -98,6 +133,7 @@ class SelfAttention(nn.Module):
             bias=args.use_bias_in_attn_linear,
             gather_output=False,
             params_dtype=args.params_dtype,
+            row_order=row_order,
             sequence_parallel=sequence_parallel_is_on(args),
         )
         self.dense = RowParallelLinear(
@@ -136,6 +172,21 @@ class SelfAttention(nn.Module):
             ),
         )
 
+    def _query_key_value(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """This rank's q [b, s, heads, d] and k, v [b, s, kv_heads, d]."""
+        qkv = self.query_key_value(x)  # the whole sequence, also under sequence_parallel
+        b, s, _ = qkv.shape
+        if self.kv_replicas == 1:
+            qkv = qkv.view(b, s, self.local_kv_heads, self.group + 2, self.head_dim)
+            q = qkv[:, :, :, : self.group].reshape(b, s, self.local_heads, self.head_dim)
+            return q, qkv[:, :, :, -2], qkv[:, :, :, -1]
+        q_rows = self.local_heads * self.head_dim
+        q = qkv[..., :q_rows].view(b, s, self.local_heads, self.head_dim)
+        # This rank's channels of the shared key and value, completed by the ranks sharing them.
+        parts = qkv[..., q_rows:].unflatten(-1, (2, self.head_dim // self.kv_replicas))
+        kv = gather_from_tensor_parallel_subgroup(parts, self.kv_replicas)
+        return q, kv[:, :, :1], kv[:, :, 1:]
+
     def forward(
         self,
         x: torch.Tensor,
@@ -147,11 +198,8 @@ class SelfAttention(nn.Module):
         to [b, 1, s, s] ([b, 1, s, cache.length + s] with a cache); attention is always causal
         and the mask restricts it further (documents, padding). ``position_ids`` [b or 1, s]
         default to 0..s-1, or to cache.length + 0..s-1 with ``kv_cache``."""
-        qkv = self.query_key_value(x)  # the whole sequence, also under sequence_parallel
-        b, s, _ = qkv.shape
-        qkv = qkv.view(b, s, self.local_kv_heads, self.group + 2, self.head_dim)
-        q = qkv[:, :, :, : self.group].reshape(b, s, self.local_heads, self.head_dim)
-        q, k, v = (t.transpose(1, 2) for t in (q, qkv[:, :, :, -2], qkv[:, :, :, -1]))
+        q, k, v = (t.transpose(1, 2) for t in self._query_key_value(x))
+        b, s = q.shape[0], q.shape[2]  # the whole sequence, also under sequence_parallel
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if kv_cache is not None and position_ids is None:

@@ -16,6 +16,9 @@ from torch.distributed import ProcessGroup
 _TENSOR_GROUP: ProcessGroup | None = None
 _DATA_GROUP: ProcessGroup | None = None
 _PIPE_GROUP: ProcessGroup | None = None
+# Runs of `size` consecutive tensor-parallel ranks, keyed by size (1 < size < tp): the ranks
+# that share a key/value head when there are fewer key/value heads than tensor-parallel ranks.
+_TENSOR_SUBGROUPS: dict[int, ProcessGroup] = {}
 
 
 def parallel_grid(world_size: int, tensor_parallel_size: int, pipe_parallel_size: int) -> dict:
@@ -43,7 +46,7 @@ def parallel_grid(world_size: int, tensor_parallel_size: int, pipe_parallel_size
 
 def initialize_model_parallel(tensor_parallel_size: int = 1, pipe_parallel_size: int = 1) -> None:
     """Build this process's tensor, data and pipeline groups; every rank must call it."""
-    global _TENSOR_GROUP, _DATA_GROUP, _PIPE_GROUP
+    global _TENSOR_GROUP, _DATA_GROUP, _PIPE_GROUP, _TENSOR_SUBGROUPS
     if not dist.is_initialized():
         raise RuntimeError("initialize_model_parallel needs torch.distributed to be initialised")
     if model_parallel_is_initialized():
@@ -58,6 +61,17 @@ def initialize_model_parallel(tensor_parallel_size: int = 1, pipe_parallel_size:
             if me in ranks:
                 mine[axis] = group
     _TENSOR_GROUP, _DATA_GROUP, _PIPE_GROUP = mine["model"], mine["data"], mine["pipe"]
+    # Every proper divisor of tp: which one a model needs is known only when it is built, and
+    # pipeline stages build different layers, so no stage could create a group on its own.
+    _TENSOR_SUBGROUPS = {}
+    for size in range(2, tensor_parallel_size):
+        if tensor_parallel_size % size:
+            continue
+        for ranks in grid["model"]:
+            for start in range(0, len(ranks), size):
+                group = dist.new_group(ranks[start : start + size])
+                if me in ranks[start : start + size]:
+                    _TENSOR_SUBGROUPS[size] = group
 
 
 def model_parallel_is_initialized() -> bool:
@@ -66,8 +80,9 @@ def model_parallel_is_initialized() -> bool:
 
 def destroy_model_parallel() -> None:
     """Forget the groups (tests build several layouts in one process)."""
-    global _TENSOR_GROUP, _DATA_GROUP, _PIPE_GROUP
+    global _TENSOR_GROUP, _DATA_GROUP, _PIPE_GROUP, _TENSOR_SUBGROUPS
     _TENSOR_GROUP = _DATA_GROUP = _PIPE_GROUP = None
+    _TENSOR_SUBGROUPS = {}
 
 
 def _group(group: ProcessGroup | None) -> ProcessGroup | None:
@@ -97,6 +112,19 @@ def get_tensor_model_parallel_world_size() -> int:
 
 def get_tensor_model_parallel_rank() -> int:
     return _rank(_TENSOR_GROUP)
+
+
+def get_tensor_model_parallel_subgroup(size: int) -> ProcessGroup | None:
+    """The group of `size` consecutive tensor-parallel ranks holding this one (`size` divides
+    the tensor-parallel size; the whole tensor-parallel group when equal)."""
+    tp = get_tensor_model_parallel_world_size()
+    if size < 1 or tp % size:
+        raise ValueError(
+            f"a subgroup of {size} ranks does not divide the tensor-parallel size {tp}"
+        )
+    if size == tp:
+        return get_tensor_model_parallel_group()
+    return _TENSOR_SUBGROUPS[size]
 
 
 def sequence_parallel_is_on(args) -> bool:

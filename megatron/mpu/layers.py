@@ -6,6 +6,8 @@ tensor-parallel layout. Split parameters carry a ``partition_dim`` attribute (th
 cut across tensor-parallel ranks) and a ``partition_stride`` (how many blocks along that dimension
 are split separately, Megatron-style: a gated MLP's ``[gate; up]`` rows have stride 2, so each
 rank holds ``[gate_r; up_r]``); the checkpoint code gathers them with ``merge_partitions``.
+A ``partition_order`` (an index along ``partition_dim``) permutes the full tensor before it is
+cut: attention with fewer key/value heads than ranks gives each rank part of a shared head.
 """
 
 from __future__ import annotations
@@ -42,10 +44,18 @@ def divide(numerator: int, denominator: int, what: str) -> int:
 
 
 def split_partition(
-    full: torch.Tensor, dim: int, world: int, rank: int, stride: int = 1
+    full: torch.Tensor,
+    dim: int,
+    world: int,
+    rank: int,
+    stride: int = 1,
+    order: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Rank ``rank``'s slice of ``full``: ``full`` is cut into ``stride`` blocks along ``dim``
-    and each block into ``world`` chunks; the rank holds its chunk of every block, in order."""
+    """Rank ``rank``'s slice of ``full``: ``full`` (reordered along ``dim`` by ``order``) is cut
+    into ``stride`` blocks along ``dim`` and each block into ``world`` chunks; the rank holds
+    its chunk of every block, in order."""
+    if order is not None:
+        full = full.index_select(dim, order)
     size = full.size(dim)
     if size % (world * stride):
         blocks = f" x {stride} blocks" if stride > 1 else ""
@@ -57,10 +67,15 @@ def split_partition(
     return torch.cat(chunks[rank::world], dim=dim)
 
 
-def merge_partitions(parts: list[torch.Tensor], dim: int, stride: int = 1) -> torch.Tensor:
+def merge_partitions(
+    parts: list[torch.Tensor], dim: int, stride: int = 1, order: torch.Tensor | None = None
+) -> torch.Tensor:
     """Inverse of ``split_partition``: the full tensor from every rank's slice (rank order)."""
     pieces = [part.chunk(stride, dim=dim) for part in parts]
-    return torch.cat([rank_pieces[block] for block in range(stride) for rank_pieces in pieces], dim)
+    merged = torch.cat([pieces_r[block] for block in range(stride) for pieces_r in pieces], dim)
+    if order is None:
+        return merged
+    return torch.empty_like(merged).index_copy_(dim, order, merged)
 
 
 def partitioned_parameter(
@@ -69,6 +84,7 @@ def partitioned_parameter(
     init_method: InitMethod,
     params_dtype: torch.dtype,
     stride: int = 1,
+    order: torch.Tensor | None = None,
 ) -> nn.Parameter:
     """This rank's slice (on ``partition_dim``; None: all) of a fully initialised tensor."""
     full = torch.empty(full_shape, dtype=torch.float32, device="cpu")
@@ -81,10 +97,13 @@ def partitioned_parameter(
         get_tensor_model_parallel_world_size(),
         get_tensor_model_parallel_rank(),
         stride,
+        order,
     )
     param = nn.Parameter(torch.empty(part.shape, dtype=params_dtype).copy_(part))
     param.partition_dim = partition_dim
     param.partition_stride = stride
+    if order is not None:
+        param.partition_order = order
     # DeepSpeed's gradient clipping counts such parameters on every tensor-parallel rank and
     # replicated ones on the first only (deepspeed.runtime.utils.is_model_parallel_parameter).
     param.tensor_model_parallel = True
@@ -92,9 +111,15 @@ def partitioned_parameter(
 
 
 def _zero_bias(
-    size: int, partition_dim: int | None, params_dtype: torch.dtype, stride: int = 1
+    size: int,
+    partition_dim: int | None,
+    params_dtype: torch.dtype,
+    stride: int = 1,
+    order: torch.Tensor | None = None,
 ) -> nn.Parameter:
-    return partitioned_parameter((size,), partition_dim, nn.init.zeros_, params_dtype, stride)
+    return partitioned_parameter(
+        (size,), partition_dim, nn.init.zeros_, params_dtype, stride, order
+    )
 
 
 class ColumnParallelLinear(nn.Module):
@@ -102,8 +127,9 @@ class ColumnParallelLinear(nn.Module):
 
     ``stride`` > 1 splits each of ``stride`` equal blocks of output rows separately (a gated
     MLP's ``[gate; up]``), so a rank's output holds its part of every block; ``gather_output``
-    then returns the rank-major order, so keep it False with stride > 1. With
-    ``sequence_parallel`` the input is this rank's positions [b, s / tp, h], gathered here.
+    then returns the rank-major order, so keep it False with stride > 1; so does
+    ``row_order`` (output rows reordered before they are split). With ``sequence_parallel``
+    the input is this rank's positions [b, s / tp, h], gathered here.
     """
 
     def __init__(
@@ -116,19 +142,20 @@ class ColumnParallelLinear(nn.Module):
         gather_output: bool = True,
         params_dtype: torch.dtype = torch.float32,
         stride: int = 1,
+        row_order: torch.Tensor | None = None,
         sequence_parallel: bool = False,
     ) -> None:
         super().__init__()
-        if stride > 1 and gather_output:
-            raise ValueError("ColumnParallelLinear: gather_output needs stride 1")
+        if (stride > 1 or row_order is not None) and gather_output:
+            raise ValueError("ColumnParallelLinear: gather_output needs stride 1, no row_order")
         if sequence_parallel and gather_output:
             raise ValueError("ColumnParallelLinear: sequence_parallel needs gather_output=False")
         self.gather_output = gather_output
         self.sequence_parallel = sequence_parallel
         self.weight = partitioned_parameter(
-            (output_size, input_size), 0, init_method, params_dtype, stride
+            (output_size, input_size), 0, init_method, params_dtype, stride, row_order
         )
-        self.bias = _zero_bias(output_size, 0, params_dtype, stride) if bias else None
+        self.bias = _zero_bias(output_size, 0, params_dtype, stride, row_order) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:

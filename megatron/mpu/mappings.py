@@ -13,6 +13,7 @@ import torch.distributed as dist
 from megatron.mpu.initialize import (
     get_tensor_model_parallel_group,
     get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_subgroup,
     get_tensor_model_parallel_world_size,
 )
 
@@ -201,6 +202,40 @@ def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor) -> torch.Tensor:
     if get_tensor_model_parallel_world_size() == 1:
         return x
     return _ReduceScatterToSequence.apply(x)
+
+
+def _gather_last_dim_in(x: torch.Tensor, group) -> torch.Tensor:
+    front = x.movedim(-1, 0).contiguous()
+    out = front.new_empty((front.size(0) * dist.get_world_size(group), *front.shape[1:]))
+    dist.all_gather_single(out, front, group=group)
+    return out.movedim(0, -1)
+
+
+def _reduce_scatter_last_dim_in(x: torch.Tensor, group) -> torch.Tensor:
+    front = x.movedim(-1, 0).contiguous()
+    out = front.new_empty((front.size(0) // dist.get_world_size(group), *front.shape[1:]))
+    dist.reduce_scatter_single(out, front, group=group)
+    return out.movedim(0, -1)
+
+
+class _GatherFromSubgroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return _gather_last_dim_in(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _reduce_scatter_last_dim_in(grad, ctx.group), None
+
+
+def gather_from_tensor_parallel_subgroup(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Concatenate the last dimension over `size` consecutive tensor-parallel ranks (they
+    share a replicated key/value head, each holding a part of its channels); backward sums
+    the gradient over those ranks, each keeping its part (a reduce-scatter)."""
+    if size == 1:
+        return x
+    return _GatherFromSubgroup.apply(x, get_tensor_model_parallel_subgroup(size))
 
 
 def reduce_gradients_across_tensor_parallel(params) -> None:

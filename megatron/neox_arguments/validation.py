@@ -328,11 +328,18 @@ def _check_attention(args: Any, problems: Problems) -> None:
             problems.add(f"{problem}{args.where('rope_scaling')}")
     kv = args.num_kv_heads or args.num_attention_heads
     tp = max(args.model_parallel_size, 1)
-    if kv and kv > 0 and kv % tp:
+    if kv and kv > 0 and kv % tp and tp % kv:
         problems.add(
-            f"num_kv_heads ({kv}) must be divisible by model_parallel_size ({tp}): each rank "
-            "holds whole key/value groups (replicating key/value heads is not supported yet)"
+            f"num_kv_heads ({kv}) and model_parallel_size ({tp}) must divide one another: "
+            "each rank holds whole key/value groups, or ranks share a key/value head"
         )
+    elif kv and kv > 0 and kv < tp and args.num_attention_heads and args.hidden_size:
+        head_dim = args.hidden_size // args.num_attention_heads
+        if head_dim % (tp // kv):
+            problems.add(
+                f"head_dim ({head_dim}) must be divisible by the {tp // kv} ranks sharing each "
+                f"key/value head (model_parallel_size {tp} / num_kv_heads {kv})"
+            )
     if args.te_mha and args.attention_backend not in ("sdpa", "te"):
         problems.add(
             f"te_mha{args.where('te_mha')} selects Transformer Engine attention but "
