@@ -480,6 +480,10 @@ def _shapes_in(handle) -> dict[str, tuple[int, ...]]:
     return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
 
 
+# Tensors with a row per entry of the padded vocabulary.
+VOCAB_ROW_TENSORS = ("embedding.word_embeddings.weight", "lm_head.weight")
+
+
 def check_shapes(
     expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], source: Path
 ) -> None:
@@ -491,6 +495,12 @@ def check_shapes(
             problems.append(
                 f"  {name}: checkpoint has {list(found[name])}, model expects {list(shape)}"
             )
+            if name in VOCAB_ROW_TENSORS and tuple(found[name][1:]) == tuple(shape[1:]):
+                problems.append(
+                    "    (the padded vocabulary is a multiple of make_vocab_size_divisible_by x "
+                    f"model_parallel_size: pick a make_vocab_size_divisible_by that pads to "
+                    f"{found[name][0]} rows in this layout)"
+                )
     problems += [
         f"  {name}: in the checkpoint but not in the model"
         for name in sorted(found)

@@ -295,3 +295,15 @@ def test_zero_2_and_3_with_model_parallelism_are_config_errors(stage, key):
     values = small_config(None, num_gpus=2, zero_optimization={"stage": stage}, **{key: 2})
     with pytest.raises(ConfigError, match=rf"zero_optimization.stage={stage} .*{key}=2"):
         NeoXArgs.from_dict(values)
+
+
+def test_vocabulary_padding_mismatch_names_the_setting(tmp_path):
+    """TP 1 -> 2 with make_vocab_size_divisible_by 128 pads 257 ids to 384, then 512 rows."""
+    from megatron.checkpointing import CheckpointError, check_shapes
+
+    with pytest.raises(CheckpointError, match=r"(?s)\[512, 64\].*\[384, 64\].*pads to 512 rows"):
+        check_shapes(
+            {"lm_head.weight": (384, 64), "final_norm.norm.weight": (64,)},
+            {"lm_head.weight": (512, 64), "final_norm.norm.weight": (64,)},
+            tmp_path / "model.safetensors",
+        )
