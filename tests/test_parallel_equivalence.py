@@ -79,7 +79,15 @@ LAYOUTS = [
         for zero in (2, 3)
         for dp in (2, 4)
     ],
-    Layout(tp=2, pp=2, dp=2, zero=1, extra={"checkpoint_activations": True}),
+    # partition_activations: each tensor-parallel rank keeps 1/tp of a checkpointed input.
+    Layout(
+        tp=2,
+        pp=2,
+        dp=2,
+        zero=1,
+        extra={"checkpoint_activations": True, "partition_activations": True},
+    ),
+    Layout(tp=2, extra={"checkpoint_activations": True, "partition_activations": True}),
 ]
 
 

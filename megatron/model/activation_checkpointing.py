@@ -44,17 +44,23 @@ def checkpointed(
     tracker = get_rng_tracker()
     start = tracker.get_states()
     calls = 0
+    # Only tensors go through DeepSpeed: with partition_activations it saves each argument
+    # next to its size and loses that pairing on a None (a missing mask or position ids).
+    given = [i for i, value in enumerate(inputs) if value is not None]
 
-    def replay(*args: torch.Tensor | None) -> torch.Tensor:
+    def replay(x: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
         nonlocal calls
         calls += 1
+        args: list[torch.Tensor | None] = [None] * len(inputs)
+        for i, tensor in zip(given, tensors, strict=True):
+            args[i] = tensor
         if calls == 1:  # the forward pass itself
-            return run(*args)
+            return run(x, *args)
         live = tracker.get_states()
         tracker.set_states(start)
         try:
-            return run(*args)
+            return run(x, *args)
         finally:
             tracker.set_states(live)
 
-    return deepspeed.checkpointing.checkpoint(replay, hidden, *inputs)
+    return deepspeed.checkpointing.checkpoint(replay, hidden, *(inputs[i] for i in given))
