@@ -64,6 +64,23 @@ def small_config(data_prefix: str | None = None, **overrides: Any) -> dict[str, 
     return config
 
 
+def layout_config(
+    tp: int = 1, pp: int = 1, dp: int = 1, zero: int = 0, accumulation: int = 1
+) -> dict[str, Any]:
+    """Config keys of the (tp, pp, dp) layout with a ZeRO stage and gradient accumulation."""
+    zero_optimization: dict[str, Any] = {"stage": zero}
+    if zero == 3:
+        # Partition every parameter (DeepSpeed keeps small ones whole on each rank).
+        zero_optimization["stage3_param_persistence_threshold"] = 0
+    return {
+        "model_parallel_size": tp,
+        "pipe_parallel_size": pp,
+        "num_gpus": tp * pp * dp,
+        "gradient_accumulation_steps": accumulation,
+        "zero_optimization": zero_optimization,
+    }
+
+
 def write_config(path: Path, values: dict[str, Any]) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(values, sort_keys=False))

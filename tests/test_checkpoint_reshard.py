@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _config_fixtures import small_config
+from _config_fixtures import layout_config, small_config
 from safetensors import safe_open
 from test_training import failing_run, losses, train
 
@@ -44,17 +44,7 @@ class Layout:
 
     def config(self) -> dict:
         """Config keys for this layout with the global batch of one process x 2 steps."""
-        zero: dict = {"stage": self.zero}
-        if self.zero == 3:
-            # Partition every parameter (DeepSpeed keeps small ones whole on each rank).
-            zero["stage3_param_persistence_threshold"] = 0
-        return dict(
-            model_parallel_size=self.tp,
-            pipe_parallel_size=self.pp,
-            num_gpus=self.tp * self.pp * self.dp,
-            gradient_accumulation_steps=2 // self.dp,
-            zero_optimization=zero,
-        )
+        return layout_config(self.tp, self.pp, self.dp, self.zero, accumulation=2 // self.dp)
 
 
 SAVED_AT = 6

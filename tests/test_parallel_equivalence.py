@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _config_fixtures import small_config, write_config
+from _config_fixtures import layout_config, small_config, write_config
 from conftest import run_tool
 
 pytestmark = pytest.mark.timeout(1200)
@@ -42,23 +42,11 @@ class Layout:
         return f"tp{self.tp}-pp{self.pp}-dp{self.dp}-zero{self.zero}{extras}"
 
     def overrides(self) -> dict[str, Any]:
-        return {
-            "model_parallel_size": self.tp,
-            "pipe_parallel_size": self.pp,
-            "num_gpus": self.tp * self.pp * self.dp,
-            "gradient_accumulation_steps": GLOBAL_BATCH // (MICRO_BATCH * self.dp),
-            "zero_optimization": {"stage": self.zero},
-            **self.extra,
-        }
+        accumulation = GLOBAL_BATCH // (MICRO_BATCH * self.dp)
+        return {**layout_config(self.tp, self.pp, self.dp, self.zero, accumulation), **self.extra}
 
 
 MICRO_2 = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1}
-
-
-def zero_extra(stage: int) -> dict[str, Any]:
-    if stage < 3:
-        return {}
-    return {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
 
 
 LAYOUTS = [
@@ -72,10 +60,10 @@ LAYOUTS = [
     Layout(tp=2, pp=2, dp=2, zero=0),
     # Activation checkpointing: the sequential model and pipeline stages recompute blocks.
     Layout(extra={"checkpoint_activations": True}),
-    # ZeRO 2 and 3: pure data parallelism. Stage 3 partitions every parameter (DeepSpeed keeps
-    # ones below the persistence threshold whole); dp=4 takes micro-batches of 2.
+    # ZeRO 2 and 3: pure data parallelism. Stage 3 partitions every parameter (layout_config
+    # sets DeepSpeed's persistence threshold to 0); dp=4 takes micro-batches of 2.
     *[
-        Layout(dp=dp, zero=zero, extra={**zero_extra(zero), **({} if dp == 2 else MICRO_2)})
+        Layout(dp=dp, zero=zero, extra={} if dp == 2 else MICRO_2)
         for zero in (2, 3)
         for dp in (2, 4)
     ],

@@ -57,22 +57,30 @@ def _split_sequence(x: torch.Tensor) -> torch.Tensor:
     return x.chunk(world, dim=SEQUENCE_DIM)[get_tensor_model_parallel_rank()].contiguous()
 
 
+def _gather_along(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Concatenate every rank's `x` along `dim` over `group`."""
+    # Collectives work on dimension 0: move `dim` there and back.
+    front = x.movedim(dim, 0).contiguous()
+    out = front.new_empty((front.size(0) * dist.get_world_size(group), *front.shape[1:]))
+    dist.all_gather_single(out, front, group=group)
+    return out.movedim(0, dim)
+
+
+def _reduce_scatter_along(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Sum `x` over `group` and keep this rank's chunk along `dim`."""
+    front = x.movedim(dim, 0).contiguous()
+    out = front.new_empty((front.size(0) // dist.get_world_size(group), *front.shape[1:]))
+    dist.reduce_scatter_single(out, front, group=group)
+    return out.movedim(0, dim)
+
+
 def _gather_sequence(x: torch.Tensor) -> torch.Tensor:
-    # Collectives work on dimension 0: move the sequence there and back.
-    front = x.movedim(SEQUENCE_DIM, 0).contiguous()
-    out = front.new_empty(
-        (front.size(0) * get_tensor_model_parallel_world_size(), *front.shape[1:])
-    )
-    dist.all_gather_single(out, front, group=get_tensor_model_parallel_group())
-    return out.movedim(0, SEQUENCE_DIM)
+    return _gather_along(x, SEQUENCE_DIM, get_tensor_model_parallel_group())
 
 
 def _reduce_scatter_sequence(x: torch.Tensor) -> torch.Tensor:
-    world = _sequence_world(x)
-    front = x.movedim(SEQUENCE_DIM, 0).contiguous()
-    out = front.new_empty((front.size(0) // world, *front.shape[1:]))
-    dist.reduce_scatter_single(out, front, group=get_tensor_model_parallel_group())
-    return out.movedim(0, SEQUENCE_DIM)
+    _sequence_world(x)  # a clear error when the sequence does not split evenly
+    return _reduce_scatter_along(x, SEQUENCE_DIM, get_tensor_model_parallel_group())
 
 
 class _CopyToRegion(torch.autograd.Function):
@@ -204,29 +212,15 @@ def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor) -> torch.Tensor:
     return _ReduceScatterToSequence.apply(x)
 
 
-def _gather_last_dim_in(x: torch.Tensor, group) -> torch.Tensor:
-    front = x.movedim(-1, 0).contiguous()
-    out = front.new_empty((front.size(0) * dist.get_world_size(group), *front.shape[1:]))
-    dist.all_gather_single(out, front, group=group)
-    return out.movedim(0, -1)
-
-
-def _reduce_scatter_last_dim_in(x: torch.Tensor, group) -> torch.Tensor:
-    front = x.movedim(-1, 0).contiguous()
-    out = front.new_empty((front.size(0) // dist.get_world_size(group), *front.shape[1:]))
-    dist.reduce_scatter_single(out, front, group=group)
-    return out.movedim(0, -1)
-
-
 class _GatherFromSubgroup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
         ctx.group = group
-        return _gather_last_dim_in(x, group)
+        return _gather_along(x, -1, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _reduce_scatter_last_dim_in(grad, ctx.group), None
+        return _reduce_scatter_along(grad, -1, ctx.group), None
 
 
 def gather_from_tensor_parallel_subgroup(x: torch.Tensor, size: int) -> torch.Tensor:
