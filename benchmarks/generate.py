@@ -1,16 +1,21 @@
-"""Generation throughput on SmolLM2-135M: Strata's KV-cached decoding against transformers'
-`generate` on the same weights, in the same process and the same run.
+"""Generation throughput: Strata's KV-cached decoding against transformers' `generate` on the
+same weights, in the same process and the same run.
 
-    .venv/bin/python benchmarks/generate.py [--hf-dir DIR] [--new-tokens 64] [--batch-sizes 1 8]
-        [--dtype fp32|bf16] [--repeats 5] [--threads N]
+    .venv/bin/python benchmarks/generate.py [--hf-dir DIR | --random-shape pythia-410m]
+        [--device cpu|cuda] [--new-tokens 64] [--batch-sizes 1 8] [--dtype fp32|bf16]
+        [--repeats 5] [--threads N]
 
 The real SmolLM2-135M-Instruct weights come from --hf-dir (a Hugging Face folder, e.g. the test
 suite's cached one under .cache/test-assets/) or, by default, from the GGUF file in
-$STRATA_ASSETS/models, turned into a Hugging Face folder with tools/ckpts/gguf_to_hf.py. The
+$STRATA_ASSETS/models, turned into a Hugging Face folder with tools/ckpts/gguf_to_hf.py. Where
+that file cannot go (a lent GPU gets 64 MiB of files), --random-shape builds a GPTNeoXForCausalLM
+of a Pythia shape with random weights and the GPT-NeoX-20B tokenizer from $STRATA_ASSETS (decode
+speed does not depend on the values). Batches above the 8 prompts repeat them. The
 folder is converted to a Strata checkpoint with tools/ckpts/convert_hf_to_neox.py; both sides
 then decode greedily from the same token ids (left-padded prompts of different lengths at batch
 sizes above 1) for exactly --new-tokens tokens (no stop token). Before timing, the benchmark
-checks that both produce the same greedy tokens at batch 1 (fp32). Rounds alternate which side
+checks that both produce the same greedy tokens at batch 1 (fp32 only: in bf16 near-ties may
+flip an argmax, so the match is reported, not required). Rounds alternate which side
 runs first; tokens/s is new tokens over the median wall time of a full generate call (prefill
 included). Prints one JSON object; timings are reported, never checked.
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -53,10 +59,22 @@ PROMPTS = [
 
 Decoder = Callable[[list[list[int]]], list[list[int]]]
 
+# Pythia shapes (GPT-NeoX architecture) for --random-shape: layers, hidden, heads.
+PYTHIA_SHAPES = {
+    "pythia-160m": (12, 768, 12),
+    "pythia-410m": (24, 1024, 16),
+    "pythia-1b": (16, 2048, 8),
+}
+NEOX_TOKENIZER = "tokenizers/gpt-neox-20b-pii-special.json"
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hf-dir", type=Path, help="SmolLM2 Hugging Face folder")
+    parser.add_argument(
+        "--random-shape", choices=sorted(PYTHIA_SHAPES), help="random weights of a Pythia shape"
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
@@ -66,9 +84,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("new_tokens", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if any(b < 1 or b > len(PROMPTS) for b in args.batch_sizes):
-        parser.error(f"--batch-sizes must be between 1 and {len(PROMPTS)}")
+    if any(b < 1 for b in args.batch_sizes):
+        parser.error("--batch-sizes must be at least 1")
+    if args.hf_dir and args.random_shape:
+        parser.error("--hf-dir and --random-shape are alternatives")
     return args
+
+
+def assets_dir() -> Path:
+    assets = os.environ.get("STRATA_ASSETS")
+    if not assets:
+        raise SystemExit("error: set STRATA_ASSETS (the model and tokenizer files are there)")
+    return Path(assets)
 
 
 def smollm2_folder(hf_dir: Path | None, scratch: Path) -> Path:
@@ -76,10 +103,31 @@ def smollm2_folder(hf_dir: Path | None, scratch: Path) -> Path:
         if not (hf_dir / "config.json").is_file():
             raise SystemExit(f"error: --hf-dir {hf_dir} has no config.json")
         return hf_dir
-    assets = os.environ.get("STRATA_ASSETS")
-    if not assets:
-        raise SystemExit("error: pass --hf-dir or set STRATA_ASSETS (the SmolLM2 GGUF is there)")
-    return gguf_to_hf(Path(assets) / GGUF_NAME, scratch / "hf")
+    return gguf_to_hf(assets_dir() / GGUF_NAME, scratch / "hf")
+
+
+def random_pythia_folder(shape: str, scratch: Path) -> Path:
+    """A Hugging Face folder: GPTNeoXForCausalLM of a Pythia shape with seeded random weights
+    (bf16) and the GPT-NeoX-20B tokenizer."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    layers, hidden, heads = PYTHIA_SHAPES[shape]
+    config = GPTNeoXConfig(
+        vocab_size=50304,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        rotary_pct=0.25,
+        max_position_embeddings=2048,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    folder = scratch / "hf"
+    GPTNeoXForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    shutil.copyfile(assets_dir() / NEOX_TOKENIZER, folder / "tokenizer.json")
+    return folder
 
 
 def load_strata(hf_dir: Path, scratch: Path, dtype: torch.dtype) -> tuple[GPTModel, Any]:
@@ -114,8 +162,10 @@ def hf_generator(model: Any, new_tokens: int, pad: int) -> Decoder:
     @torch.no_grad()
     def run(prompts: list[list[int]]) -> list[list[int]]:
         longest = max(map(len, prompts))
-        ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+        ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts], device=model.device)
+        mask = torch.tensor(
+            [[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=model.device
+        )
         out = model.generate(
             input_ids=ids,
             attention_mask=mask,
@@ -167,11 +217,15 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype]
     with tempfile.TemporaryDirectory(prefix="strata-genbench-") as tmp:
         scratch = Path(tmp)
-        hf_dir = smollm2_folder(args.hf_dir, scratch)
+        if args.random_shape:
+            hf_dir = random_pythia_folder(args.random_shape, scratch)
+        else:
+            hf_dir = smollm2_folder(args.hf_dir, scratch)
         strata_model, strata_args = load_strata(hf_dir, scratch, dtype)
         hf_model = load_hf(hf_dir, dtype)
         tokenizer = build_tokenizer("HFTokenizer", str(strata_args.vocab_file))
-    prompts = [tokenizer.tokenize(text) for text in PROMPTS]
+    strata_model, hf_model = strata_model.to(args.device), hf_model.to(args.device)
+    prompts = [tokenizer.tokenize(PROMPTS[i % len(PROMPTS)]) for i in range(max(args.batch_sizes))]
     sides = {
         "strata": strata_generator(
             strata_model, strata_args.seq_length, args.new_tokens, tokenizer
@@ -183,9 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.dtype == "fp32" and ours != theirs:
         raise SystemExit(f"error: greedy tokens differ at batch 1:\nstrata {ours}\nhf     {theirs}")
     report: dict[str, Any] = {
-        "model": "SmolLM2-135M-Instruct",
+        "model": f"{args.random_shape} (random weights)"
+        if args.random_shape
+        else "SmolLM2-135M-Instruct",
         "dtype": args.dtype,
-        "device": "cpu",
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "threads": threads,
         "new_tokens": args.new_tokens,
         "prompt_tokens": [len(p) for p in prompts],

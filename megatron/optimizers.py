@@ -26,12 +26,19 @@ def register_optimizer(*names: str) -> Callable[[OptimizerFactory], OptimizerFac
 def _adamw(param_groups: list[dict], params: dict) -> torch.optim.Optimizer:
     # NeoX's "Adam" is decoupled weight decay (apex FusedAdam in AdamW mode); torch's AdamW is
     # the same update and runs everywhere (DeepSpeed's fused kernels need a compiler and a GPU).
+    # On CUDA its fused kernel updates every tensor in a few launches instead of several per
+    # tensor; `fused: false` under optimizer.params keeps the multi-tensor (foreach) path.
     return torch.optim.AdamW(
         param_groups,
         lr=params.get("lr", 1e-3),
         betas=tuple(params.get("betas", (0.9, 0.999))),
         eps=params.get("eps", 1e-8),
+        fused=params.get("fused", _all_on_cuda(param_groups)) or None,
     )
+
+
+def _all_on_cuda(param_groups: list[dict]) -> bool:
+    return all(p.is_cuda for group in param_groups for p in group["params"])
 
 
 @register_optimizer("sgd")

@@ -36,6 +36,7 @@ from megatron.losses import (
 )
 from megatron.model import GPTModel
 from megatron.model.activation_checkpointing import configure_activation_checkpointing
+from megatron.model.compile import compile_transformer_blocks
 from megatron.optimizers import build_optimizer
 from megatron.tokenizer import build_tokenizer
 
@@ -49,21 +50,27 @@ class TrainState:
     consumed_valid_samples: int = 0
 
 
-def average_across_data_parallel(value: torch.Tensor) -> float:
+def average_across_data_parallel(value: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and mpu.get_data_parallel_world_size() > 1:
         value = value.clone()
         dist.all_reduce(value, group=mpu.get_data_parallel_group())
         value /= mpu.get_data_parallel_world_size()
-    return value.item()
+    return value
 
 
-def gradient_norm(parameters) -> float:
+def as_floats(metrics: dict) -> dict:
+    """Plain numbers for logging. Steps keep their metrics on the device so the host never waits
+    for the accelerator between steps; reading them here, at log intervals, is the one sync."""
+    return {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
+
+
+def gradient_norm(parameters) -> torch.Tensor:
     """L2 norm of the whole model's gradients (after DeepSpeed's data-parallel all-reduce,
     before clipping): tensor-parallel shards summed over the tensor-parallel group, replicated
     parameters counted once."""
     grads = [p for p in parameters if p.grad is not None]
     if not grads:
-        return 0.0
+        return torch.zeros(())
     shards = torch.zeros((), dtype=torch.float64, device=grads[0].grad.device)
     replicated = torch.zeros_like(shards)
     for p in grads:
@@ -74,7 +81,7 @@ def gradient_norm(parameters) -> float:
             replicated += square
     if mpu.get_tensor_model_parallel_world_size() > 1:
         dist.all_reduce(shards, group=mpu.get_tensor_model_parallel_group())
-    return (shards + replicated).sqrt().item()
+    return (shards + replicated).sqrt()
 
 
 class Trainer:
@@ -134,6 +141,8 @@ class Trainer:
         else:
             # Vocabulary-parallel logits: the loss is vocab_parallel_cross_entropy.
             model = GPTModel(args, parallel_output=True).to(self.device)
+        if args.torch_compile:
+            print_rank_0(f"torch_compile: compiled {compile_transformer_blocks(model)} blocks")
         optimizer = build_optimizer(args, model)
         if self._pipe_clipper is not None:
             optimizer.register_step_pre_hook(self._pipe_clipper)
@@ -215,7 +224,8 @@ class Trainer:
         return metrics
 
     def train_step(self, train_iter) -> dict:
-        """One optimizer step over gradient_accumulation_steps micro-batches."""
+        """One optimizer step over gradient_accumulation_steps micro-batches; the metrics stay
+        device tensors (``as_floats`` reads them)."""
         lr = self.scheduler.step(self.state.iteration + 1)
         losses, extras, grad_norm = [], [], None
         if self.pipelined:  # the engine runs every micro-batch and the optimizer step
@@ -236,7 +246,7 @@ class Trainer:
         self.state.consumed_train_samples += self.global_batch
         metrics = {**self._average(losses, extras), "lr": lr}
         if grad_norm is not None:
-            metrics["grad_norm"] = float(grad_norm)
+            metrics["grad_norm"] = grad_norm
         return metrics
 
     @torch.no_grad()
@@ -257,7 +267,7 @@ class Trainer:
         self.engine.train()
         if consumed_attr:
             setattr(self.state, consumed_attr, consumed + self.args.eval_iters * self.global_batch)
-        metrics = self._average(losses, extras)
+        metrics = as_floats(self._average(losses, extras))
         self._log({"iteration": self.state.iteration, "split": split, **metrics})
         return metrics["lm_loss"]
 
@@ -299,11 +309,13 @@ class Trainer:
             interval_losses.append(metrics["lm_loss"])
             iteration = self.state.iteration
             if iteration % args.log_interval == 0 or iteration == args.train_iters:
-                rate, _ = throughput.report()
+                metrics = as_floats(metrics)
+                interval_loss = float(torch.stack(interval_losses).mean())
+                rate, _ = throughput.report()  # after the read: the steps have finished
                 metrics.update(
                     iteration=iteration,
                     split="train",
-                    lm_loss=sum(interval_losses) / len(interval_losses),
+                    lm_loss=interval_loss,
                     tokens_per_sec=rate,
                 )
                 interval_losses = []

@@ -116,6 +116,10 @@ class NeoXArgsTraining:
     partition_activations: bool = arg(
         False, "Partition checkpointed activations across tensor-parallel ranks.", HINT
     )
+    torch_compile: bool = arg(
+        False,
+        "Compile each transformer block with torch.compile (Strata; fuses its elementwise work).",
+    )
     hysteresis: int = arg(
         2, "Megatron fp16 loss-scale hysteresis (use the fp16 dict).", DEFAULT_ONLY
     )
