@@ -142,7 +142,9 @@ class Trainer:
             # Vocabulary-parallel logits: the loss is vocab_parallel_cross_entropy.
             model = GPTModel(args, parallel_output=True).to(self.device)
         if args.torch_compile:
-            print_rank_0(f"torch_compile: compiled {compile_transformer_blocks(model)} blocks")
+            mpu.compile_cross_entropy_kernels()
+            blocks = compile_transformer_blocks(model)
+            print_rank_0(f"torch_compile: compiled {blocks} blocks and the cross-entropy kernels")
         optimizer = build_optimizer(args, model)
         if self._pipe_clipper is not None:
             optimizer.register_step_pre_hook(self._pipe_clipper)

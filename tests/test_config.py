@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import copy
 import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
@@ -496,11 +497,17 @@ def test_deepspeed_config_has_neox_semantics(dataset: str) -> None:
     assert config["comms_logger"]["prof_all"] is True  # from deepspeed_extra_args
     assert config["fp32_allreduce"] is True
     assert (config["gradient_clipping"], config["steps_per_print"]) == (1.0, 10)
+    # No device sync per step for DeepSpeed's own throughput timer, unless asked for.
+    assert config["timers"] == {"throughput": {"enabled": False}}
+    timed = copy.copy(args)
+    timed.deepspeed_extra_args = {"timers": {"throughput": {"enabled": True}}}
+    assert timed.deepspeed_config["timers"] == {"throughput": {"enabled": True}}
 
     from deepspeed.runtime.config import DeepSpeedConfig
 
     parsed = DeepSpeedConfig(config)
     assert parsed.train_batch_size == 4 and parsed.zero_optimization_stage == 1
+    assert parsed.timers_config.enabled is False
 
 
 def test_bf16_deepspeed_section(dataset: str) -> None:

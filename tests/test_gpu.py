@@ -69,12 +69,13 @@ def run_config(run: Path, data: str, **overrides) -> Path:
         seed=11,
         **overrides,
     )
-    return write_config(run / "config.yml", values)
+    return Path(write_config(run / "config.yml", values))
 
 
 def launch(config: Path) -> subprocess.Popen:
     """Start a training run on the GPU; its output goes to launch.log beside the config."""
-    env = {**os.environ, "DS_ACCELERATOR": "cuda", "PYTHONPATH": str(REPO)}
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "DS_ACCELERATOR": "cuda", "PYTHONPATH": path}
     with open(config.parent / "launch.log", "w") as log:  # the child keeps its own descriptor
         return subprocess.Popen(
             [sys.executable, "deepy.py", "train.py", str(config)],
@@ -188,7 +189,7 @@ def test_checkpoint_moves_between_cuda_and_cpu(runs, tmp_path):
 
 
 def _relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((value.float() - reference).norm() / reference.norm())
+    return float((value.detach().float() - reference).norm() / reference.norm())
 
 
 @pytest.mark.parametrize("kv_heads", [16, 4], ids=["mha", "gqa"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import pickle
 import random
@@ -265,6 +266,30 @@ def test_vocab_parallel_cross_entropy_bf16_and_shape_check() -> None:
         vocab_parallel_cross_entropy(logits, labels[:, :2])
 
 
+def test_compiled_cross_entropy_kernels_match_eager(monkeypatch) -> None:
+    """torch_compile's fused cross-entropy kernels: the same loss and logits gradient."""
+    from megatron.mpu import cross_entropy
+
+    gen = torch.Generator().manual_seed(5)
+    logits = (torch.randn(2, 7, 96, generator=gen) * 4).bfloat16().requires_grad_()
+    labels = torch.randint(0, 96, (2, 7), generator=gen)
+    weights = torch.rand(2, 7, generator=gen)
+    results = []
+    for compiled in (False, True):
+        if compiled:  # on a copy of the kernel table, so later tests run eager again
+            monkeypatch.setattr(cross_entropy, "_kernels", copy.copy(cross_entropy._kernels))
+            cross_entropy.compile_cross_entropy_kernels()
+            assert cross_entropy._kernels.logits_grad is not cross_entropy._logits_grad
+        loss = vocab_parallel_cross_entropy(logits, labels)
+        (grad,) = torch.autograd.grad((loss * weights).sum(), logits)
+        results.append((loss, grad))
+    (eager_loss, eager_grad), (compiled_loss, compiled_grad) = results
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    torch.testing.assert_close(compiled_grad, eager_grad)
+    reference = F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
+    torch.testing.assert_close(compiled_loss, reference)
+
+
 def test_rng_state_round_trip() -> None:
     def draw():
         return random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist()
@@ -362,8 +387,6 @@ def test_tensor_parallel_matches_single_process(tmp_path, tp, configs) -> None:
 def test_compiled_blocks_match_eager(overrides) -> None:
     """torch_compile: the compiled blocks compute the same loss and gradients, under the same
     parameter names."""
-    import copy
-
     from megatron.model.compile import compile_transformer_blocks
 
     args = make_args(**overrides)

@@ -20,8 +20,8 @@ ASSETS=.gpu_assets
 # The GPU image's Python (the lent H100/H200 machines run CPython 3.12 on x86-64).
 TARGET_PYTHON="${TARGET_PYTHON:-3.12}"
 # Wheels the device image lacks: DeepSpeed (source-only on PyPI: built here, without its
-# CUDA ops, which JIT-compile when used) and its needs the image does not have.
-PURE_NEEDS="hjson pydantic pydantic-core annotated-types typing-inspection"
+# CUDA ops, which JIT-compile when used) and what it and Strata need that the image lacks.
+NEEDS="hjson pydantic pydantic-core annotated-types typing-inspection zstandard"
 CARRY_LIMIT_MIB=64
 
 prepare() {
@@ -33,7 +33,7 @@ prepare() {
   mkdir -p "$WHEELS" "$ASSETS/tokenizers"
   # The versions this project runs with here, for the device's Python and platform.
   local pins=()
-  for name in $PURE_NEEDS; do
+  for name in $NEEDS; do
     pins+=("$name==$("$venv_py" -c "from importlib.metadata import version; print(version('$name'))")")
   done
   "$venv_py" -m pip download -q --no-deps --only-binary=:all: --python-version "$TARGET_PYTHON" \
@@ -62,10 +62,11 @@ run_on_gpu() {
   local out="${OUT:-benchmarks/results/gpu-latest}"
   local parts="${PARTS:-tests train generate}"
   mkdir -p "$out"
-  local site=/tmp/strata-site
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$site" "$WHEELS"/*.whl || { echo "error: installing $WHEELS failed" >&2; exit 1; }
-  export PYTHONPATH="$site:$PWD" PATH="$site/bin:$PATH" PYTHONUNBUFFERED=1
+  # Into the image's own environment (the machine is thrown away afterwards), so every process
+  # the launcher starts finds them whatever its PYTHONPATH.
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$WHEELS"/*.whl \
+    || { echo "error: installing $WHEELS failed" >&2; exit 1; }
+  export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
   export DS_ACCELERATOR=cuda STRATA_ASSETS="$PWD/$ASSETS"
   {
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv

@@ -9,7 +9,8 @@ $STRATA_ASSETS, a file of random tokens as data) and times its real train step i
 
     eager         every activation kept
     checkpointed  activation checkpointing of every block (checkpoint_num_layers 1)
-    compiled      every block compiled with torch.compile (the torch_compile key), no recompute
+    compiled      the torch_compile key: every block and the cross-entropy kernels compiled with
+                  torch.compile, no recompute
 
 A mode's micro-batch is the largest that fits: peak memory is measured at micro-batches 1 and 2,
 the size that would fill 90% of the device is predicted from the difference (memory grows
@@ -239,20 +240,21 @@ KERNEL_CATEGORIES = (
 )
 
 
-def kernel_profile(trainer, batches: Batches, steps: int = 2, top: int = 15) -> dict[str, Any]:
-    """Where the GPU time of a step goes: busy time against wall time, per kernel category and
-    the top kernels (torch.profiler, CUDA activity only)."""
+def kernel_profile(trainer, batches: Batches, steps: int = 2, top: int = 30) -> dict[str, Any]:
+    """Where a step's time goes: GPU busy time against wall time, per kernel category and the
+    top kernels; the host's synchronizing calls and where in the Python code they come from."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
     start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             trainer.train_step(batches)
         torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - start) * 1e3 / steps
-    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    averages = prof.key_averages()
+    events = [e for e in averages if e.device_time_total > 0 and e.device_type.name == "CUDA"]
     events.sort(key=lambda e: e.device_time_total, reverse=True)
     busy_ms = sum(e.device_time_total for e in events) / 1e3 / steps
     categories: dict[str, float] = {}
@@ -262,6 +264,14 @@ def kernel_profile(trainer, batches: Batches, steps: int = 2, top: int = 15) -> 
             (c for c, parts in KERNEL_CATEGORIES if any(p in name for p in parts)), "other"
         )
         categories[category] = categories.get(category, 0.0) + event.device_time_total
+    host_waits = {
+        e.key: {
+            "calls_per_step": e.count / steps,
+            "ms_per_step": round(e.cpu_time_total / 1e3 / steps, 2),
+        }
+        for e in averages
+        if "Synchronize" in e.key or e.key in ("aten::_local_scalar_dense", "aten::nonzero")
+    }
     return {
         "wall_ms_per_step_profiled": round(wall_ms, 1),
         "gpu_busy_ms_per_step": round(busy_ms, 1),
@@ -276,7 +286,32 @@ def kernel_profile(trainer, batches: Batches, steps: int = 2, top: int = 15) -> 
             }
             for e in events[:top]
         ],
+        "host_waits": host_waits,
+        "sync_sites": sync_sites(trainer, batches),
     }
+
+
+def sync_sites(trainer, batches: Batches) -> dict[str, int]:
+    """Python lines that make the host wait for the device during one step (CUDA's sync debug
+    mode warns at each), with how often."""
+    import warnings
+
+    import torch
+
+    sites: dict[str, int] = {}
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.train_step(batches)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for warning in caught:
+        if "synchroniz" in str(warning.message).lower():
+            site = f"{Path(warning.filename).name}:{warning.lineno}"
+            sites[site] = sites.get(site, 0) + 1
+    return sites
 
 
 def throughput(timing: dict[str, Any], micro_batch: int, args, peak: float | None) -> dict:
@@ -297,6 +332,7 @@ def measure_strata(config: dict[str, Any]) -> dict[str, Any]:
     from megatron.logging import device_peak_flops
     from megatron.model.compile import compile_transformer_blocks
     from megatron.model.gpt_model import count_parameters
+    from megatron.mpu import compile_cross_entropy_kernels
     from megatron.neox_arguments import NeoXArgs
     from megatron.training import Trainer
 
@@ -317,8 +353,9 @@ def measure_strata(config: dict[str, Any]) -> dict[str, Any]:
             result["modes"][mode] = {"skipped": "budget spent"}
             continue
         model.checkpoint_num_layers = 1 if mode == "checkpointed" else 0
-        if mode == "compiled":
+        if mode == "compiled":  # as the torch_compile key does
             compile_transformer_blocks(model)
+            compile_cross_entropy_kernels()
         began = time.monotonic()
         if mode == "compiled" and eager_size:
             sizing = {"micro_batch": eager_size, "from": "eager"}
@@ -395,10 +432,12 @@ def measure_hf(config: dict[str, Any]) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    # Strata's micro-batch, halved while it does not fit (fp32 weights take more memory).
+    # Strata's micro-batch, halved while it does not fit (fp32 weights take more memory). Two
+    # steps: the first creates the optimizer states the second must fit beside.
     size = config["micro_batch"]
     while True:
         try:
+            step(size)
             step(size)
             break
         except torch.OutOfMemoryError:
@@ -439,7 +478,8 @@ def worker_main(kind: str, config: dict[str, Any], result_path: Path) -> None:
 
 def run_worker(kind: str, config: dict[str, Any], workdir: Path) -> dict[str, Any]:
     result_path = workdir / f"{kind}-{config['size']}.json"
-    env = {**os.environ, "DS_ACCELERATOR": "cuda", "PYTHONPATH": str(REPO)}
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "DS_ACCELERATOR": "cuda", "PYTHONPATH": path}
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", kind]
     command += ["--result", str(result_path)]
     done = subprocess.run(

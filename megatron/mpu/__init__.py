@@ -1,6 +1,9 @@
 """Process groups, tensor-parallel layers and the collectives between them."""
 
-from megatron.mpu.cross_entropy import vocab_parallel_cross_entropy
+from megatron.mpu.cross_entropy import (
+    compile_cross_entropy_kernels,
+    vocab_parallel_cross_entropy,
+)
 from megatron.mpu.initialize import (
     destroy_model_parallel,
     get_data_parallel_group,
@@ -41,6 +44,7 @@ from megatron.mpu.random import (
 )
 
 __all__ = [
+    "compile_cross_entropy_kernels",
     "ColumnParallelLinear",
     "RNGStatesTracker",
     "RowParallelLinear",

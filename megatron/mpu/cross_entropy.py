@@ -1,6 +1,15 @@
-"""Cross entropy over logits whose vocabulary dimension is split across tensor-parallel ranks."""
+"""Cross entropy over logits whose vocabulary dimension is split across tensor-parallel ranks.
+
+The forward saves the logits in their own precision and the log-sum-exp; the backward recomputes
+the softmax from them. Both logits-sized passes are written as small kernels (``_sum_exp``,
+``_logits_grad``) that ``compile_cross_entropy_kernels`` hands to torch.compile: compiled, each
+is one fused read of the low-precision logits instead of several fp32 copies the size of the
+logits (9 GB at a micro-batch of 22 x 2048 tokens over GPT-2's vocabulary).
+"""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -17,42 +26,61 @@ def _all_reduce(x: torch.Tensor, op: dist.ReduceOp.RedOpType) -> None:
         dist.all_reduce(x, op=op, group=get_tensor_model_parallel_group())
 
 
+def _sum_exp(logits: torch.Tensor, logits_max: torch.Tensor) -> torch.Tensor:
+    """sum(exp(logits - max)) over the vocabulary, in fp32."""
+    return (logits.float() - logits_max.unsqueeze(-1)).exp_().sum(dim=-1)
+
+
+def _logits_grad(
+    logits: torch.Tensor,
+    log_sum_exp: torch.Tensor,
+    local: torch.Tensor,
+    outside: torch.Tensor,
+    grad_loss: torch.Tensor,
+) -> torch.Tensor:
+    """d loss / d logits = (softmax - one_hot(label)) * grad_loss, in the logits' precision."""
+    grad = (logits.float() - log_sum_exp.unsqueeze(-1)).exp_()
+    # The one-hot as a comparison with the vocabulary index: elementwise, so it fuses.
+    vocab = torch.arange(logits.size(-1), device=logits.device)
+    grad.add_((vocab == local.unsqueeze(-1)) & ~outside.unsqueeze(-1), alpha=-1)
+    return grad.mul_(grad_loss.unsqueeze(-1)).to(logits.dtype)
+
+
+# The kernels in use: eager until compile_cross_entropy_kernels() swaps in compiled ones.
+_kernels = SimpleNamespace(sum_exp=_sum_exp, logits_grad=_logits_grad)
+
+
+def compile_cross_entropy_kernels() -> None:
+    """Run the logits-sized passes as torch.compile kernels from now on (the torch_compile key)."""
+    _kernels.sum_exp = torch.compile(_sum_exp, dynamic=False)
+    _kernels.logits_grad = torch.compile(_logits_grad, dynamic=False)
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        ctx.logits_dtype = logits.dtype
-        logits = logits.float()
-        # Subtract the global max so exp() cannot overflow.
-        logits_max = logits.max(dim=-1).values
+        # Subtract the global max so exp() cannot overflow (the max of bf16 values is exact).
+        logits_max = logits.detach().amax(dim=-1).float()
         _all_reduce(logits_max, dist.ReduceOp.MAX)
-        shifted = logits - logits_max.unsqueeze(-1)
+        sum_exp = _kernels.sum_exp(logits, logits_max)
+        _all_reduce(sum_exp, dist.ReduceOp.SUM)
 
         per_rank = logits.size(-1)
         start = get_tensor_model_parallel_rank() * per_rank
         outside = (labels < start) | (labels >= start + per_rank)
         local = (labels - start).masked_fill(outside, 0)
-        target = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
+        target = logits.gather(-1, local.unsqueeze(-1)).squeeze(-1).float() - logits_max
+        target = target.masked_fill(outside, 0.0)
         _all_reduce(target, dist.ReduceOp.SUM)
 
-        exp = shifted.exp_()
-        sum_exp = exp.sum(dim=-1)
-        _all_reduce(sum_exp, dist.ReduceOp.SUM)
-        loss = sum_exp.log() - target
-
-        softmax = exp.div_(sum_exp.unsqueeze(-1))
-        ctx.save_for_backward(softmax, local, outside)
-        return loss
+        log_sum_exp = sum_exp.log()
+        ctx.save_for_backward(logits, log_sum_exp.add(logits_max), local, outside)
+        return log_sum_exp - target
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None]:
-        softmax, local, outside = ctx.saved_tensors
-        # d loss / d logits = softmax - one_hot(label); the saved softmax is reused in place
-        # (backward runs once) to avoid a second logits-sized buffer.
-        grad = softmax
-        hit = (~outside).unsqueeze(-1).to(grad.dtype)
-        grad.scatter_add_(-1, local.unsqueeze(-1), -hit)
-        grad.mul_(grad_loss.unsqueeze(-1))
-        return grad.to(ctx.logits_dtype), None
+        logits, log_sum_exp, local, outside = ctx.saved_tensors
+        return _kernels.logits_grad(logits, log_sum_exp, local, outside, grad_loss), None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -74,4 +74,7 @@ def build_deepspeed_config(args: Any) -> dict[str, Any]:
                 f"deepspeed_extra_args.{key} is already set from the NeoX config; set it once"
             )
         config[key] = copy.deepcopy(value)
+    # Strata reports throughput itself; DeepSpeed's throughput timer would synchronize the
+    # device at the start and end of every step (the host then waits instead of queueing work).
+    config.setdefault("timers", {"throughput": {"enabled": False}})
     return config

@@ -118,7 +118,8 @@ class NeoXArgsTraining:
     )
     torch_compile: bool = arg(
         False,
-        "Compile each transformer block with torch.compile (Strata; fuses its elementwise work).",
+        "Compile each transformer block and the cross-entropy kernels with torch.compile "
+        "(Strata; fuses their elementwise work).",
     )
     hysteresis: int = arg(
         2, "Megatron fp16 loss-scale hysteresis (use the fp16 dict).", DEFAULT_ONLY
