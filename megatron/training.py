@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -84,6 +85,23 @@ def gradient_norm(parameters) -> torch.Tensor:
     return (shards + replicated).sqrt()
 
 
+@contextmanager
+def steps_ignored(optimizer: torch.optim.Optimizer):
+    """Make ``optimizer.step`` do nothing inside the block.
+
+    DeepSpeed's fp16/bf16 wrappers at ZeRO stage 0 (FP16_Optimizer, FP16_UnfusedOptimizer) step
+    the optimizer once on zero gradients while they initialise, to create its states. For Adam
+    that step counts: bias correction runs one step ahead for the whole run (the first update is
+    0.735 lr at betas (0.9, 0.95) where ZeRO 1-3 take lr) and weight decay is applied once.
+    Ignored, the states are created at the first real step, as under ZeRO.
+    """
+    optimizer.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del optimizer.step  # the class's step again
+
+
 class Trainer:
     def __init__(self, args):
         self.args = args
@@ -149,15 +167,17 @@ class Trainer:
         if self._pipe_clipper is not None:
             optimizer.register_step_pre_hook(self._pipe_clipper)
         scheduler = build_lr_scheduler(args, optimizer)
-        engine, _, _, _ = deepspeed.initialize(
-            model=model,
-            optimizer=optimizer,
-            config=config,
-            dist_init_required=False,
-            # Our groups: DeepSpeed all-reduces gradients over the data-parallel group and sums
-            # clipping norms over the tensor-parallel one (a PipelineModule brings its own grid).
-            mpu=None if self.pipelined else mpu,
-        )
+        with steps_ignored(optimizer):
+            engine, _, _, _ = deepspeed.initialize(
+                model=model,
+                optimizer=optimizer,
+                config=config,
+                dist_init_required=False,
+                # Our groups: DeepSpeed all-reduces gradients over the data-parallel group and
+                # sums clipping norms over the tensor-parallel one (a PipelineModule brings its
+                # own grid).
+                mpu=None if self.pipelined else mpu,
+            )
         return engine, engine.optimizer, scheduler
 
     def _load(self) -> None:

@@ -125,9 +125,15 @@ def test_layouts_and_options_follow_zero0(runs, name):
     step's loss agrees to bf16 rounding and the curves stay together."""
     reference, other = train_losses(runs["zero0"]), train_losses(runs[name])
     assert other.keys() == reference.keys()
-    assert other[1] == pytest.approx(reference[1], rel=2e-3)
+    curves = f"zero0 {reference}\n{name} {other}"
+    assert other[1] == pytest.approx(reference[1], rel=2e-3), curves
+    # bf16 and flash attention's atomics make single steps wander; the trend may not.
+    last = sorted(reference)[-ITERS // 4 :]
+    mean_other = sum(other[i] for i in last) / len(last)
+    mean_reference = sum(reference[i] for i in last) / len(last)
+    assert mean_other == pytest.approx(mean_reference, rel=0.015), curves
     for iteration in reference:
-        assert other[iteration] == pytest.approx(reference[iteration], rel=0.05), iteration
+        assert other[iteration] == pytest.approx(reference[iteration], rel=0.1), curves
 
 
 def test_resume_on_cuda_continues_the_run(runs, tmp_path):

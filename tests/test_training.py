@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from _config_fixtures import small_config, write_config
 from conftest import run_tool
 from safetensors.torch import load_file
@@ -95,6 +96,28 @@ def test_resume_is_exact(tmp_path, text_dataset, precision, zero_stage):
     second, _ = train(tmp_path, "second", text_dataset, load=str(run / "ckpt"), **settings)
     assert min(i for i, split in second if split == "train") == 7
     assert losses({**first, **second}) == losses(full)
+
+
+def test_bf16_at_zero_stage_0_steps_as_zero_stage_1(tmp_path, text_dataset):
+    """DeepSpeed's bf16 wrapper at ZeRO stage 0 steps the optimizer once while it initialises;
+    counted, Adam's first update would be 0.735 lr. Both stages take the same first step."""
+    masters = {}
+    for stage in (0, 1):
+        _, run = train(
+            tmp_path,
+            f"zero{stage}",
+            text_dataset,
+            precision="bf16",
+            zero_optimization={"stage": stage},
+            train_iters=1,
+            eval_iters=0,
+            warmup=0.0,
+        )
+        state = load_file(run / "ckpt" / "global_step1" / "optimizer.safetensors")
+        masters[stage] = {k: v for k, v in state.items() if k.endswith(".master")}
+    assert masters[0].keys() == masters[1].keys() and masters[0]
+    for name, master in masters[0].items():
+        torch.testing.assert_close(master, masters[1][name], rtol=0, atol=1e-6, msg=name)
 
 
 def test_checkpoint_layout(tmp_path, text_dataset):
