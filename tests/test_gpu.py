@@ -121,19 +121,19 @@ def test_bf16_training_on_cuda_lowers_the_loss_and_reports_mfu(runs):
 
 @pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "checkpointed", "compiled"])
 def test_layouts_and_options_follow_zero0(runs, name):
-    """Every ZeRO stage, recomputation and compiled blocks train the same model: the first
-    step's loss agrees to bf16 rounding and the curves stay together."""
+    """Every ZeRO stage, recomputation and compiled blocks train the same model. Measured on an
+    H200, the first ten steps agree to 1e-4; then bf16 rounding differences (flattened vs
+    per-tensor clipping, flash attention's atomics) grow chaotically, single steps wander by up
+    to a third and only the trend stays together (the last quarter's mean within 0.6%)."""
     reference, other = train_losses(runs["zero0"]), train_losses(runs[name])
     assert other.keys() == reference.keys()
     curves = f"zero0 {reference}\n{name} {other}"
-    assert other[1] == pytest.approx(reference[1], rel=2e-3), curves
-    # bf16 and flash attention's atomics make single steps wander; the trend may not.
+    for iteration in range(1, 11):
+        assert other[iteration] == pytest.approx(reference[iteration], rel=5e-3), curves
     last = sorted(reference)[-ITERS // 4 :]
     mean_other = sum(other[i] for i in last) / len(last)
     mean_reference = sum(reference[i] for i in last) / len(last)
     assert mean_other == pytest.approx(mean_reference, rel=0.015), curves
-    for iteration in reference:
-        assert other[iteration] == pytest.approx(reference[iteration], rel=0.1), curves
 
 
 def test_resume_on_cuda_continues_the_run(runs, tmp_path):
