@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron.registry import Registry
+
 
 @dataclass(frozen=True)
 class AttentionOptions:
@@ -41,21 +43,19 @@ class AttentionOptions:
 # A backend is a module: forward(q, k, v, mask, dropout_p) -> [b, heads, sq, head_dim].
 BackendFactory = Callable[[AttentionOptions], nn.Module]
 
-ATTENTION_BACKENDS: dict[str, BackendFactory] = {}
+ATTENTION_BACKENDS: Registry[BackendFactory] = Registry(
+    "attention backend",
+    register_with="megatron.model.attention_backends.register_attention_backend",
+)
 
 
 def register_attention_backend(name: str, factory: BackendFactory) -> None:
     """Make ``attention_backend: <name>`` build ``factory(options)`` for each layer."""
-    ATTENTION_BACKENDS[name] = factory
+    ATTENTION_BACKENDS.register(name, factory)
 
 
 def build_attention_backend(name: str, options: AttentionOptions) -> nn.Module:
-    if name not in ATTENTION_BACKENDS:
-        raise ValueError(
-            f"attention_backend: unknown backend {name!r}; expected one of "
-            f"{sorted(ATTENTION_BACKENDS)}"
-        )
-    return ATTENTION_BACKENDS[name](options)
+    return ATTENTION_BACKENDS.get(name, key="attention_backend")(options)
 
 
 def layer_backend_name(args: Any, layer_number: int) -> str:
