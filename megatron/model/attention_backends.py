@@ -182,15 +182,11 @@ def _expand_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x.repeat_interleave(num_heads // x.size(1), dim=1)
 
 
-# SDPA's enable_gqa appeared in torch 2.5 (pyproject allows 2.4).
-_SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
-
-
 def _native_gqa(masked: bool, device: torch.device) -> bool:
     """Whether SDPA reads the shared key/value heads itself rather than copies. With an explicit
     mask only on CPU, where the fused kernel is checked to take both (other devices keep the
     expanded heads their masked kernels are known to accept)."""
-    return _SDPA_GQA and (not masked or device.type == "cpu")
+    return not masked or device.type == "cpu"
 
 
 class SDPAAttention(nn.Module):
