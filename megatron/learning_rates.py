@@ -9,18 +9,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from megatron.registry import Registry
+
 # A decay style maps progress through the decay phase (0 -> 1) to a factor (1 -> 0) between
 # the peak and min_lr.
 DecayFn = Callable[[float], float]
-DECAY_STYLES: dict[str, DecayFn] = {}
+DECAY_STYLES: Registry[DecayFn] = Registry(
+    "decay style", register_with="megatron.learning_rates.register_decay_style"
+)
 
 
 def register_decay_style(name: str) -> Callable[[DecayFn], DecayFn]:
-    def add(fn: DecayFn) -> DecayFn:
-        DECAY_STYLES[name] = fn
-        return fn
-
-    return add
+    """Decorator making ``lr_decay_style: <name>`` decay by the decorated function."""
+    return DECAY_STYLES.register(name)
 
 
 @register_decay_style("constant")
@@ -53,11 +54,7 @@ class AnnealingLR:
         decay_style: str,
         min_lr: float = 0.0,
     ):
-        if decay_style not in DECAY_STYLES:
-            raise ValueError(
-                f"lr_decay_style {decay_style!r} is not one of {sorted(DECAY_STYLES)}; "
-                "add one with megatron.learning_rates.register_decay_style"
-            )
+        self.decay_fn = DECAY_STYLES.get(decay_style, key="lr_decay_style")
         self.optimizer = optimizer
         self.start_lr = start_lr
         self.warmup_iters = warmup_iters
@@ -76,7 +73,7 @@ class AnnealingLR:
             return self.min_lr
         decay_span = max(self.total_iters - self.warmup_iters, 1)
         progress = (iteration - self.warmup_iters) / decay_span
-        factor = DECAY_STYLES[self.decay_style](progress)
+        factor = self.decay_fn(progress)
         return self.min_lr + (self.start_lr - self.min_lr) * factor
 
     def step(self, iteration: int | None = None) -> float:

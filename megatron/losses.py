@@ -26,6 +26,7 @@ from safetensors.torch import load_model, save_model
 
 from megatron import mpu
 from megatron.data.masks import LTORBatch, get_ltor_batch, masked_mean
+from megatron.registry import Registry
 
 Metrics = dict[str, torch.Tensor]
 
@@ -50,7 +51,9 @@ class TrainImpl:
     needs_reference: Callable[[Any], bool]
 
 
-TRAIN_IMPLS: dict[str, TrainImpl] = {}
+TRAIN_IMPLS: Registry[TrainImpl] = Registry(
+    "train_impl", register_with="megatron.losses.register_train_impl"
+)
 
 
 def register_train_impl(
@@ -62,18 +65,14 @@ def register_train_impl(
         return reference(args) if callable(reference) else bool(reference)
 
     def add(fn: LossFn) -> LossFn:
-        if name in TRAIN_IMPLS:
-            raise ValueError(f"train_impl {name!r} is already registered")
-        TRAIN_IMPLS[name] = TrainImpl(name, fn, needs_reference)
+        TRAIN_IMPLS.register(name, TrainImpl(name, fn, needs_reference))
         return fn
 
     return add
 
 
 def get_train_impl(name: str) -> TrainImpl:
-    if name not in TRAIN_IMPLS:
-        raise ValueError(f"unknown train_impl {name!r}; registered: {sorted(TRAIN_IMPLS)}")
-    return TRAIN_IMPLS[name]
+    return TRAIN_IMPLS.get(name)
 
 
 def build_reference_model(model: torch.nn.Module) -> torch.nn.Module:

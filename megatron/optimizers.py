@@ -8,18 +8,19 @@ from collections.abc import Callable, Iterable
 import torch
 
 from megatron.model.mup import is_hidden_matrix, width_multiplier
+from megatron.registry import Registry
 
 OptimizerFactory = Callable[[list[dict], dict], torch.optim.Optimizer]
-OPTIMIZERS: dict[str, OptimizerFactory] = {}
+# NeoX compares optimizer.type case-insensitively ("Adam").
+OPTIMIZERS: Registry[OptimizerFactory] = Registry(
+    "optimizer", ignore_case=True, register_with="megatron.optimizers.register_optimizer"
+)
 
 
 def register_optimizer(*names: str) -> Callable[[OptimizerFactory], OptimizerFactory]:
-    def add(factory: OptimizerFactory) -> OptimizerFactory:
-        for name in names:
-            OPTIMIZERS[name.lower()] = factory
-        return factory
-
-    return add
+    """Decorator making ``optimizer.type`` any of ``names`` build the decorated factory as
+    ``factory(param_groups, params)``."""
+    return OPTIMIZERS.register(*names)
 
 
 @register_optimizer("adam", "adamw")
@@ -99,15 +100,10 @@ def mup_hidden_lr_mult(args) -> float:
 
 def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
     spec = args.optimizer or {"type": "adam", "params": {}}
-    name = str(spec.get("type", "adam")).lower()
-    if name not in OPTIMIZERS:
-        raise ValueError(
-            f"optimizer.type {spec.get('type')!r} is not one of {sorted(OPTIMIZERS)}; "
-            "add one with megatron.optimizers.register_optimizer"
-        )
+    factory = OPTIMIZERS.get(str(spec.get("type", "adam")), key="optimizer.type")
     params = dict(spec.get("params", {}))
     params["lr"] = args.lr
     groups = get_param_groups(model.named_parameters(), args.weight_decay, mup_hidden_lr_mult(args))
     for group in groups:  # the LR schedule re-applies lr_mult at every step
         group["lr"] = args.lr * group.get("lr_mult", 1.0)
-    return OPTIMIZERS[name](groups, params)
+    return factory(groups, params)

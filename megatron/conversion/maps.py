@@ -24,6 +24,7 @@ from megatron.conversion.layouts import (
     Dims,
     Layout,
 )
+from megatron.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -153,18 +154,20 @@ class Architecture:
         return rule.hf_names(fields)[0]
 
 
-ARCHITECTURES: dict[str, Architecture] = {}
+ARCHITECTURES: Registry[Architecture] = Registry(
+    "architecture", register_with="megatron.conversion.register_architecture"
+)
 
 
 def register_architecture(arch: Architecture) -> None:
-    ARCHITECTURES[arch.name] = arch
+    ARCHITECTURES.register(arch.name, arch)
 
 
 def architecture_for_hf_class(hf_class: str, source: str) -> Architecture:
-    for arch in ARCHITECTURES.values():
+    for _, arch in ARCHITECTURES.items():
         if arch.hf_class == hf_class:
             return arch
-    supported = ", ".join(sorted(a.hf_class for a in ARCHITECTURES.values()))
+    supported = ", ".join(sorted(a.hf_class for _, a in ARCHITECTURES.items()))
     raise ConversionError(
         f"{source}: architecture {hf_class!r} is not supported; supported: {supported}"
     )

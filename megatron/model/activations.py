@@ -12,10 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from megatron.neox_arguments.sizes import GATED_ACTIVATIONS
+from megatron.registry import Registry
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
-ACTIVATIONS: dict[str, Activation] = {}
+ACTIVATIONS: Registry[Activation] = Registry(
+    "activation", register_with="megatron.model.register_activation"
+)
 
 
 def register_activation(name: str, fn: Activation, *, gated: bool = False) -> None:
@@ -24,11 +27,9 @@ def register_activation(name: str, fn: Activation, *, gated: bool = False) -> No
     Gated names are also recorded in ``GATED_ACTIVATIONS``, which the config package uses for the
     MLP width and parameter count.
     """
-    ACTIVATIONS[name] = fn
+    ACTIVATIONS.register(name, fn)
     if gated:
         GATED_ACTIVATIONS.add(name)
-    else:
-        GATED_ACTIVATIONS.discard(name)
 
 
 def is_gated(name: str) -> bool:
@@ -56,8 +57,4 @@ register_activation("bilinear", _identity, gated=True)
 
 
 def get_activation(name: str) -> Activation:
-    if name not in ACTIVATIONS:
-        raise ValueError(
-            f"activation: unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}"
-        )
-    return ACTIVATIONS[name]
+    return ACTIVATIONS.get(name, key="activation")

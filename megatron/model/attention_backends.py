@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron.registry import Registry
+
 
 @dataclass(frozen=True)
 class AttentionOptions:
@@ -41,21 +43,19 @@ class AttentionOptions:
 # A backend is a module: forward(q, k, v, mask, dropout_p) -> [b, heads, sq, head_dim].
 BackendFactory = Callable[[AttentionOptions], nn.Module]
 
-ATTENTION_BACKENDS: dict[str, BackendFactory] = {}
+ATTENTION_BACKENDS: Registry[BackendFactory] = Registry(
+    "attention backend",
+    register_with="megatron.model.attention_backends.register_attention_backend",
+)
 
 
 def register_attention_backend(name: str, factory: BackendFactory) -> None:
     """Make ``attention_backend: <name>`` build ``factory(options)`` for each layer."""
-    ATTENTION_BACKENDS[name] = factory
+    ATTENTION_BACKENDS.register(name, factory)
 
 
 def build_attention_backend(name: str, options: AttentionOptions) -> nn.Module:
-    if name not in ATTENTION_BACKENDS:
-        raise ValueError(
-            f"attention_backend: unknown backend {name!r}; expected one of "
-            f"{sorted(ATTENTION_BACKENDS)}"
-        )
-    return ATTENTION_BACKENDS[name](options)
+    return ATTENTION_BACKENDS.get(name, key="attention_backend")(options)
 
 
 def layer_backend_name(args: Any, layer_number: int) -> str:
@@ -182,15 +182,11 @@ def _expand_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x.repeat_interleave(num_heads // x.size(1), dim=1)
 
 
-# SDPA's enable_gqa appeared in torch 2.5 (pyproject allows 2.4).
-_SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
-
-
 def _native_gqa(masked: bool, device: torch.device) -> bool:
     """Whether SDPA reads the shared key/value heads itself rather than copies. With an explicit
     mask only on CPU, where the fused kernel is checked to take both (other devices keep the
     expanded heads their masked kernels are known to accept)."""
-    return _SDPA_GQA and (not masked or device.type == "cpu")
+    return not masked or device.type == "cpu"
 
 
 class SDPAAttention(nn.Module):

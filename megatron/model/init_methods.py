@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from megatron.model.mup import base_width, width_multiplier
+from megatron.registry import Registry
 
 InitMethod = Callable[[torch.Tensor], torch.Tensor]
 # (args, width) -> init function
@@ -33,12 +34,19 @@ class InitMethodSpec:
     mup: bool  # the scale is a formula muP may evaluate at the base width
 
 
-INIT_METHODS: dict[str, InitMethodSpec] = {}
+INIT_METHODS: Registry[InitMethodSpec] = Registry(
+    "init method", register_with="megatron.model.register_init_method"
+)
 
 
 def register_init_method(name: str, build: InitMethodBuilder, *, mup: bool = True) -> None:
     """Make ``init_method: <name>`` use ``build(args, width)``; ``mup=False`` refuses use_mup."""
-    INIT_METHODS[name] = InitMethodSpec(build, mup)
+    INIT_METHODS.register(name, InitMethodSpec(build, mup))
+
+
+def mup_init_methods() -> list[str]:
+    """The registered methods muP can rescale."""
+    return sorted(name for name, spec in INIT_METHODS.items() if spec.mup)
 
 
 def _normal(std: float) -> InitMethod:
@@ -85,18 +93,13 @@ def build_init_method(args: Any, key: str, role: Role = "hidden") -> InitMethod:
     """The init function named by args.<key> (``init_method`` or ``output_layer_init_method``)
     for a weight of the given muP ``role``."""
     name = getattr(args, key)
-    if name not in INIT_METHODS:
-        raise ValueError(
-            f"{key}: unknown init method {name!r}; expected one of {sorted(INIT_METHODS)}"
-        )
-    spec = INIT_METHODS[name]
+    spec = INIT_METHODS.get(name, key=key)
     if not args.use_mup:
         return spec.build(args, args.hidden_size)
     if not spec.mup:
-        usable = sorted(n for n, s in INIT_METHODS.items() if s.mup)
         raise ValueError(
             f"{key}: {name!r} cannot be used with use_mup (its scale follows the tensor's shape, "
-            f"not a width muP can rescale); use one of {usable}"
+            f"not a width muP can rescale); use one of {mup_init_methods()}"
         )
     # Hidden matrices: std / sqrt(m). The output layer, whose logits are divided by m: std x
     # sqrt(m), so the logits start at the standard parametrisation's scale (as the mup package's

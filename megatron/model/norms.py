@@ -15,14 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron.registry import Registry
+
 NormFactory = Callable[[Any], nn.Module]
 
-NORMS: dict[str, NormFactory] = {}
+NORMS: Registry[NormFactory] = Registry("norm", register_with="megatron.model.register_norm")
 
 
 def register_norm(name: str, factory: NormFactory) -> None:
     """Make ``norm: <name>`` build ``factory(args)``, a module over the last dimension."""
-    NORMS[name] = factory
+    NORMS.register(name, factory)
 
 
 class LayerNorm(nn.Module):
@@ -130,6 +132,4 @@ register_norm(
 
 
 def build_norm(args: Any) -> nn.Module:
-    if args.norm not in NORMS:
-        raise ValueError(f"norm: unknown norm {args.norm!r}; expected one of {sorted(NORMS)}")
-    return NORMS[args.norm](args)
+    return NORMS.get(args.norm, key="norm")(args)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron.mpu.layers import InitMethod, partitioned_parameter
+from megatron.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,9 @@ class PosEmb:
     alibi_slopes: Callable[[Any], torch.Tensor] | None = None
 
 
-POS_EMBS: dict[str, PosEmb] = {}
+POS_EMBS: Registry[PosEmb] = Registry(
+    "positional embedding", register_with="megatron.model.positional.register_pos_emb"
+)
 
 # NeoX values Strata knows but does not implement, with what they are.
 UNSUPPORTED_POS_EMBS = {"rpe": "T5 relative position buckets"}
@@ -43,18 +46,17 @@ UNSUPPORTED_POS_EMBS = {"rpe": "T5 relative position buckets"}
 
 def register_pos_emb(name: str, pos_emb: PosEmb) -> None:
     """Make ``pos_emb: <name>`` use ``pos_emb``'s hooks."""
-    POS_EMBS[name] = pos_emb
+    POS_EMBS.register(name, pos_emb)
 
 
 def get_pos_emb(args: Any) -> PosEmb:
     name = args.pos_emb
-    if name in POS_EMBS:
-        return POS_EMBS[name]
-    if name in UNSUPPORTED_POS_EMBS:
-        what = f"({UNSUPPORTED_POS_EMBS[name]}) is not supported yet"
-    else:
-        what = "is unknown"
-    raise ValueError(f"pos_emb: {name!r} {what}; expected one of {sorted(POS_EMBS)}")
+    if name in UNSUPPORTED_POS_EMBS and name not in POS_EMBS:
+        raise ValueError(
+            f"pos_emb: {name!r} ({UNSUPPORTED_POS_EMBS[name]}) is not supported yet; expected "
+            f"one of {POS_EMBS.choices()}"
+        )
+    return POS_EMBS.get(name, key="pos_emb")
 
 
 def build_embedding_positions(args: Any, init_method: InitMethod) -> nn.Module | None:

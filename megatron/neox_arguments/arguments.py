@@ -112,7 +112,7 @@ class NeoXArgs(*GROUPS):  # type: ignore[misc]
             except TypeMismatch as expected:
                 problems.add(
                     f"key {key!r} (from {raw.sources[key]}): expected {expected}, got "
-                    f"{type(value).__name__} {value!r}"
+                    f"{type(value).__name__} {value!r}{expected.hint}"
                 )
         problems.raise_if_any()
         args = cls(**values)

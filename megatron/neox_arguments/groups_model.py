@@ -1,23 +1,21 @@
 """NeoX's model argument group: architecture, positions, norms, initialisation."""
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 from megatron.neox_arguments.fields import Support, arg
+from megatron.neox_arguments.typecheck import Registered
 
 DEFAULT_ONLY, HINT = Support.DEFAULT_ONLY, Support.HINT
 
-INIT_METHODS = Literal[
-    "normal",
-    "scaled_normal",
-    "orthogonal",
-    "scaled_orthogonal",
-    "xavier_uniform",
-    "xavier_normal",
-    "wang_init",
-    "small_init",
-    "single_residual_scaled_normal",
+# Names the model's registries accept (see megatron/registry.py).
+NormName = Annotated[str, Registered("megatron.model.norms:NORMS")]
+PosEmbName = Annotated[str, Registered("megatron.model.positional:POS_EMBS", refused=("rpe",))]
+AttentionBackendName = Annotated[
+    str, Registered("megatron.model.attention_backends:ATTENTION_BACKENDS")
 ]
+ActivationName = Annotated[str, Registered("megatron.model.activations:ACTIVATIONS")]
+InitMethodName = Annotated[str, Registered("megatron.model.init_methods:INIT_METHODS")]
 
 
 @dataclass
@@ -51,14 +49,9 @@ class NeoXArgsModel:
     max_position_embeddings: int | None = arg(
         None, "Largest position the model supports (size of learned position tables)."
     )
-    norm: Literal[
-        "layernorm",
-        "rmsnorm",
-        "scalenorm",
-        "non_parametric_layernorm",
-        "te_rmsnorm",
-        "te_layernorm",
-    ] = arg("layernorm", "Normalisation layer (te_*: Transformer Engine's, when installed).")
+    norm: NormName = arg(
+        "layernorm", "Normalisation layer (te_*: Transformer Engine's, when installed)."
+    )
     layernorm_fusion: bool = arg(False, "Use a fused LayerNorm kernel.", HINT)
     rmsnorm_fusion: bool = arg(False, "Use a fused RMSNorm kernel.", HINT)
     use_qk_layernorm: bool = arg(
@@ -67,9 +60,7 @@ class NeoXArgsModel:
     layernorm_epsilon: float = arg(1.0e-5, "LayerNorm epsilon.")
     rms_norm_epsilon: float = arg(1.0e-8, "RMSNorm epsilon.")
     scalenorm_epsilon: float = arg(1.0e-8, "ScaleNorm epsilon.")
-    pos_emb: Literal["learned", "rotary", "sinusoidal", "rpe", "alibi", "none"] = arg(
-        "learned", "Positional embedding type."
-    )
+    pos_emb: PosEmbName = arg("learned", "Positional embedding type.")
     rpe_num_buckets: int = arg(32, "T5 relative position buckets (pos_emb rpe).")
     rpe_max_distance: int = arg(128, "T5 relative position maximum distance (pos_emb rpe).")
     opt_pos_emb_offset: int = arg(0, "Learned position offset (OPT uses 2).", DEFAULT_ONLY)
@@ -78,7 +69,7 @@ class NeoXArgsModel:
         None, "Attention type per layer as [[types, repeat], ...]; all global when unset."
     )
     sparsity_config: dict | None = arg(None, "DeepSpeed sparse-attention settings.")
-    attention_backend: Literal["sdpa", "flash", "te"] = arg(
+    attention_backend: AttentionBackendName = arg(
         "sdpa",
         "Strata: implementation of global attention layers: sdpa (PyTorch), flash (flash-attn 2) "
         "or te (Transformer Engine).",
@@ -87,21 +78,9 @@ class NeoXArgsModel:
     num_unique_layers: int | None = arg(None, "Share parameters across layers.", DEFAULT_ONLY)
     param_sharing_style: str = arg("grouped", "Order of shared layers (with num_unique_layers).")
     make_vocab_size_divisible_by: int = arg(128, "Pad the vocabulary to a multiple of this.")
-    activation: Literal[
-        "gelu",
-        "geglu",
-        "relu",
-        "softsign",
-        "swish",
-        "mish",
-        "silu",
-        "reglu",
-        "swiglu",
-        "bilinear",
-        "glu",
-        "tanh",
-        "sigmoid",
-    ] = arg("gelu", "MLP activation function (geglu, swiglu, reglu, glu, bilinear: gated).")
+    activation: ActivationName = arg(
+        "gelu", "MLP activation function (geglu, swiglu, reglu, glu, bilinear: gated)."
+    )
     use_flashattn_swiglu: bool = arg(False, "Use flash-attn's fused SwiGLU kernel.", HINT)
     scaled_upper_triang_masked_softmax_fusion: bool = arg(
         False, "Fused causal-mask softmax kernel.", HINT
@@ -128,8 +107,10 @@ class NeoXArgsModel:
     rotary_save_freqs_buffer: bool = arg(
         False, "Store the rotary inverse-frequency buffer in checkpoints.", HINT
     )
-    init_method: INIT_METHODS = arg("normal", "Initialisation of all weights but residual outputs.")
-    output_layer_init_method: INIT_METHODS = arg(
+    init_method: InitMethodName = arg(
+        "normal", "Initialisation of all weights but residual outputs."
+    )
+    output_layer_init_method: InitMethodName = arg(
         "scaled_normal", "Initialisation of residual output projections."
     )
     gmlp_attn_dim: int = arg(64, "Attention width inside gMLP blocks (attention type gmlp).")

@@ -1,9 +1,10 @@
 """NeoX's smaller argument groups, plus the values Strata derives."""
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated
 
 from megatron.neox_arguments.fields import Support, arg
+from megatron.neox_arguments.typecheck import Registered
 
 DEFAULT_ONLY, HINT, DERIVED = Support.DEFAULT_ONLY, Support.HINT, Support.DERIVED
 
@@ -45,8 +46,8 @@ class NeoXArgsOptimizer:
 class NeoXArgsLRScheduler:
     """Learning-rate schedule arguments."""
 
-    lr_decay_style: Literal["constant", "linear", "cosine", "exponential"] = arg(
-        "linear", "Decay shape after warmup."
+    lr_decay_style: Annotated[str, Registered("megatron.learning_rates:DECAY_STYLES")] = arg(
+        "linear", "Decay shape after warmup (megatron/learning_rates.py registry)."
     )
     lr_decay_iters: int | None = arg(None, "Iterations to decay over; train_iters when unset.")
     lr_decay_fraction: float | None = arg(

@@ -1,9 +1,10 @@
 """NeoX's training argument group: data, checkpoints, schedule lengths, regularisation."""
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 from megatron.neox_arguments.fields import Support, arg
+from megatron.neox_arguments.typecheck import Registered
 
 DEFAULT_ONLY, HINT, DERIVED = Support.DEFAULT_ONLY, Support.HINT, Support.DERIVED
 
@@ -58,7 +59,7 @@ class NeoXArgsTraining:
     dataset_impl: Literal["gpt2", "pairwise"] = arg(
         "gpt2", "Dataset kind: LM, or pairwise (chosen/rejected documents for DPO)."
     )
-    train_impl: Literal["normal", "dpo", "rm", "kto"] = arg(
+    train_impl: Annotated[str, Registered("megatron.losses:TRAIN_IMPLS", refused=("rm",))] = arg(
         "normal", "Training objective (megatron/losses.py registry; rm is not supported yet)."
     )
     dpo_fp32: bool = arg(True, "Compute the DPO loss in fp32 (Strata's log-probs always are).")

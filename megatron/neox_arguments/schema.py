@@ -68,7 +68,7 @@ FIELDS: dict[str, Field[Any]] = _collect_fields()
 def _collect_types() -> dict[str, Any]:
     hints: dict[str, Any] = {}
     for group in GROUPS:
-        hints.update(typing.get_type_hints(group))
+        hints.update(typing.get_type_hints(group, include_extras=True))
     return hints
 
 

@@ -2,23 +2,54 @@
 
 Accepted conversions: an int for a float; a number written as a string ("3e-4", which YAML 1.1
 reads as a string because it has no decimal point) for a float or an int; an integral float
-(1.0e+5) for an int; a Literal choice in any letter case (NeoX compares case-insensitively),
-stored in the schema's spelling.
+(1.0e+5) for an int; a Literal choice or a registered name in any letter case (NeoX compares
+case-insensitively), stored in the schema's or the registry's spelling.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
 import types
 import typing
-from typing import Any, Literal, Union
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union
 
 _NUMBER = re.compile(r"^[-+]?(\d[\d_]*\.?[\d_]*|\.\d[\d_]*)([eE][-+]?\d+)?$")
 
 
 class TypeMismatch(Exception):
-    """Raised by `coerce`; the message is the expected type in words."""
+    """Raised by `coerce`; the message is the expected type in words, `hint` what may help
+    (the closest registered name)."""
+
+    def __init__(self, expected: str, hint: str = "") -> None:
+        super().__init__(expected)
+        self.hint = hint
+
+
+@dataclass(frozen=True)
+class Registered:
+    """Schema marker, ``Annotated[str, Registered("module:REGISTRY")]``: the value names an entry
+    of that `megatron.registry.Registry`, so a user's ``register_*`` call is all a new name
+    needs. The registry's module is imported when a value is checked, not with the schema.
+    ``refused`` are NeoX names accepted here for validation to explain why they are not
+    supported yet."""
+
+    registry: str
+    refused: tuple[str, ...] = ()
+
+    def canonical(self, value: str) -> str:
+        """``value`` in the registry's spelling; raises TypeMismatch if nobody registered it."""
+        module, _, attribute = self.registry.partition(":")
+        registry = getattr(importlib.import_module(module), attribute)
+        names = (*registry, *self.refused)
+        if value in names:
+            return value
+        for name in names:
+            if name.lower() == value.lower():
+                return name
+        raise TypeMismatch(f"one of {registry.choices()}", hint=registry.hint(value))
 
 
 def parse_number(text: str) -> float | None:
@@ -48,6 +79,9 @@ def coerce(value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return _coerce_literal(value, typing.get_args(tp))
+    if origin is Annotated:
+        base, marker = typing.get_args(tp)
+        return marker.canonical(coerce(value, base))
     if origin in (Union, types.UnionType):
         options = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(options) == 1:

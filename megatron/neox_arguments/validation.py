@@ -201,6 +201,16 @@ def check_values(args: Any, problems: Problems) -> None:
     _check_attention(args, problems)
     _check_tensor_parallel(args, problems)
     _check_mlp_norm_mup(args, problems)
+    _check_optimizer_type(args, problems)
+
+
+def _check_optimizer_type(args: Any, problems: Problems) -> None:
+    """optimizer.type names a registered optimizer (NeoX compares it case-insensitively)."""
+    from megatron.optimizers import OPTIMIZERS
+
+    kind = args.optimizer_type
+    if isinstance(kind, str) and kind not in OPTIMIZERS:
+        problems.add(OPTIMIZERS.unknown(kind, key=f"optimizer.type{args.where('optimizer')}"))
 
 
 def _check_mlp_norm_mup(args: Any, problems: Problems) -> None:
@@ -231,15 +241,14 @@ def _check_mlp_norm_mup(args: Any, problems: Problems) -> None:
     for key in ("mup_init_scale", "mup_output_temp", "mup_embedding_mult", "mup_attn_temp"):
         if getattr(args, key) <= 0:
             problems.add(f"{key} must be > 0, got {getattr(args, key)}{args.where(key)}")
-    from megatron.model.init_methods import INIT_METHODS
+    from megatron.model.init_methods import INIT_METHODS, mup_init_methods
     from megatron.optimizers import MUP_OPTIMIZERS
 
     for key in ("init_method", "output_layer_init_method"):
-        spec = INIT_METHODS.get(getattr(args, key))
-        if spec is not None and not spec.mup:
+        if not INIT_METHODS[getattr(args, key)].mup:  # the schema checked it is registered
             problems.add(
                 f"{key}={getattr(args, key)!r}{args.where(key)} cannot be used with use_mup: its "
-                "scale follows the tensor's shape (use normal, scaled_normal, small_init, ...)"
+                f"scale follows the tensor's shape (use one of {mup_init_methods()})"
             )
     kind = str((args.optimizer or {}).get("type", "adam")).lower()
     if kind not in MUP_OPTIMIZERS:
@@ -315,9 +324,11 @@ def _check_blending(args: Any, problems: Problems) -> None:
 def _check_attention(args: Any, problems: Problems) -> None:
     """Positional embedding, GQA under tensor parallelism and the attention backends."""
     if args.pos_emb == "rpe":
+        from megatron.model.positional import POS_EMBS
+
         problems.add(
             f"pos_emb='rpe'{args.where('pos_emb')} (T5 relative position buckets) is not "
-            "supported yet; use rotary, alibi, learned, sinusoidal or none"
+            f"supported yet; use one of {POS_EMBS.choices()}"
         )
     if args.rope_scaling is not None:
         if args.pos_emb != "rotary":
@@ -379,9 +390,11 @@ def _check_train_impl(args: Any, problems: Problems) -> None:
     """DPO needs pairwise (pos_/neg_) data, KTO rewards; both are one document per sample."""
     impl, splits = args.train_impl, ("train", "valid", "test")
     if impl == "rm":
+        from megatron.losses import TRAIN_IMPLS
+
         problems.add(
             f"train_impl='rm'{args.where('train_impl')} is not supported yet (needs a "
-            "reward head); supported: normal, dpo, kto"
+            f"reward head); supported: {TRAIN_IMPLS.choices()}"
         )
     if (impl == "dpo") != (args.dataset_impl == "pairwise"):
         problems.add(

@@ -1,4 +1,4 @@
-"""The tokenizer registry: a dict of names to classes plus `register_tokenizer`."""
+"""The tokenizer registry: names to classes plus `register_tokenizer`."""
 
 from __future__ import annotations
 
@@ -6,12 +6,15 @@ import os
 from collections.abc import Callable
 from typing import TypeVar
 
+from megatron.registry import Registry
 from megatron.tokenizer.base import Tokenizer
 
 T = TypeVar("T", bound=type[Tokenizer])
 
-# Keys are lower-case: NeoX compares tokenizer_type case-insensitively.
-TOKENIZERS: dict[str, type[Tokenizer]] = {}
+# NeoX compares tokenizer_type case-insensitively.
+TOKENIZERS: Registry[type[Tokenizer]] = Registry(
+    "tokenizer_type", ignore_case=True, register_with="megatron.tokenizer.register_tokenizer"
+)
 
 
 def register_tokenizer(name: str) -> Callable[[T], T]:
@@ -21,13 +24,8 @@ def register_tokenizer(name: str) -> Callable[[T], T]:
     """
 
     def decorate(cls: T) -> T:
-        key = name.lower()
-        if key in TOKENIZERS:
-            raise ValueError(
-                f"tokenizer {name!r} is already registered (by {TOKENIZERS[key].__name__})"
-            )
+        TOKENIZERS.register(name, cls)
         cls.name = name
-        TOKENIZERS[key] = cls
         return cls
 
     return decorate
@@ -39,10 +37,7 @@ def build_tokenizer(
     merge_file: str | os.PathLike[str] | None = None,
 ) -> Tokenizer:
     """Construct the registered tokenizer called `tokenizer_type` (case-insensitive)."""
-    cls = TOKENIZERS.get(str(tokenizer_type).lower())
-    if cls is None:
-        names = ", ".join(sorted(c.name for c in TOKENIZERS.values()))
-        raise ValueError(f"unknown tokenizer_type {tokenizer_type!r}; registered: {names}")
+    cls = TOKENIZERS.get(str(tokenizer_type))
     return cls(vocab_file=vocab_file, merge_file=merge_file)
 
 

@@ -24,6 +24,8 @@ from typing import IO
 
 import zstandard
 
+from megatron.registry import Registry
+
 # A jsonl line or a .txt file; for parquet, one value per key (None where the row is null).
 Payload = bytes | tuple[bytes | None, ...]
 PARQUET_BATCH_ROWS = 256  # rows turned into Python values at a time (bounds memory)
@@ -66,13 +68,11 @@ class InputFormat:
 
 
 # Suffix -> format; the longest matching suffix wins (".jsonl.gz" before ".gz").
-FORMATS: dict[str, InputFormat] = {}
+FORMATS: Registry[InputFormat] = Registry("input suffix")
 
 
 def register_format(suffix: str, input_format: InputFormat) -> None:
-    if suffix in FORMATS:
-        raise ValueError(f"input suffix {suffix!r} is already registered")
-    FORMATS[suffix] = input_format
+    FORMATS.register(suffix, input_format)
 
 
 def format_of(path: str) -> InputFormat | None:
