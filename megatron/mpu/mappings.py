@@ -17,6 +17,11 @@ from megatron.mpu.initialize import (
     get_tensor_model_parallel_world_size,
 )
 
+# torch 2.13 renamed the single-tensor collectives (the old names still work there, with a
+# deprecation warning); older releases have only the old names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def _all_reduce(x: torch.Tensor) -> torch.Tensor:
     # Reduce a copy: autograd may still hold the input for another consumer.
@@ -62,7 +67,7 @@ def _gather_along(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     # Collectives work on dimension 0: move `dim` there and back.
     front = x.movedim(dim, 0).contiguous()
     out = front.new_empty((front.size(0) * dist.get_world_size(group), *front.shape[1:]))
-    dist.all_gather_single(out, front, group=group)
+    _all_gather_single(out, front, group=group)
     return out.movedim(0, dim)
 
 
@@ -70,7 +75,7 @@ def _reduce_scatter_along(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     """Sum `x` over `group` and keep this rank's chunk along `dim`."""
     front = x.movedim(dim, 0).contiguous()
     out = front.new_empty((front.size(0) // dist.get_world_size(group), *front.shape[1:]))
-    dist.reduce_scatter_single(out, front, group=group)
+    _reduce_scatter_single(out, front, group=group)
     return out.movedim(0, dim)
 
 
