@@ -26,7 +26,7 @@ import torch.distributed as dist
 from megatron.checkpointing import load_checkpoint, resolve_checkpoint
 from megatron.entry import run_entry_point
 from megatron.initialize import device, initialize_megatron
-from megatron.model import GPTModel
+from megatron.model import GPTModel, ModelConfig
 from megatron.neox_arguments import ConfigError
 from megatron.text_generation import generate_batch
 from megatron.tokenizer import build_tokenizer
@@ -127,7 +127,7 @@ def read_prompts(path: str, prompt_end: str) -> list[str]:
 def load_sampler(args: Any) -> Sampler:
     initialize_megatron(args)
     tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file)
-    model = GPTModel(args).to(device()).eval()
+    model = GPTModel(ModelConfig.from_neox(args)).to(device()).eval()
     load_checkpoint(args, model, None, None, load_rng=False)
     return Sampler(args, model, tokenizer)
 

@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import torch
 
 from megatron.checkpointing import load_checkpoint, save_checkpoint, tag_for
-from megatron.model import GPTModel
+from megatron.model import GPTModel, ModelConfig
 from megatron.neox_arguments import NeoXArgs
 
 
@@ -43,7 +43,7 @@ def build(layers: int, hidden: int) -> tuple[torch.nn.Module, torch.optim.Optimi
             "train_iters": 1,
         }
     )
-    model = GPTModel(args)
+    model = GPTModel(ModelConfig.from_neox(args))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     for p in model.parameters():  # one step creates the moments
         p.grad = torch.full_like(p, 1e-3)

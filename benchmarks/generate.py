@@ -38,7 +38,7 @@ import torch
 
 from megatron.checkpointing import load_checkpoint
 from megatron.conversion.strata_io import model_args
-from megatron.model import GPTModel
+from megatron.model import GPTModel, ModelConfig
 from megatron.text_generation import generate_batch
 from megatron.tokenizer import build_tokenizer
 from tools.ckpts.convert_hf_to_neox import CONFIG_NAME, convert_hf_to_neox
@@ -135,7 +135,7 @@ def load_strata(hf_dir: Path, scratch: Path, dtype: torch.dtype) -> tuple[GPTMod
     ckpt = convert_hf_to_neox(hf_dir, scratch / "strata")
     args = model_args([ckpt / CONFIG_NAME])
     args.load = str(ckpt)
-    model = GPTModel(args).eval()
+    model = GPTModel(ModelConfig.from_neox(args)).eval()
     load_checkpoint(args, model, None, None, load_rng=False)
     return model.to(dtype), args
 

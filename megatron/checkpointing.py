@@ -176,7 +176,7 @@ def canonical_named_parameters(
     module: torch.nn.Module, replicas: bool = True
 ) -> list[tuple[str, torch.nn.Parameter]]:
     """(canonical name, parameter) for each parameter this process holds: the names of
-    GPTModel(args).state_dict() at TP=1. The one place where an engine's module names are
+    GPTModel(config).state_dict() at TP=1. The one place where an engine's module names are
     mapped to canonical names. named_parameters() lists a tied weight once, under its first
     (canonical) name; a pipeline stage maps DeepSpeed's names (megatron/model/pipeline.py), and
     ``replicas=False`` leaves out the last stage's copy of a tied embedding."""

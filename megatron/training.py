@@ -35,7 +35,7 @@ from megatron.losses import (
     load_reference_model,
     save_reference_model,
 )
-from megatron.model import GPTModel
+from megatron.model import GPTModel, ModelConfig
 from megatron.model.activation_checkpointing import configure_activation_checkpointing
 from megatron.model.compile import compile_transformer_blocks
 from megatron.optimizers import build_optimizer
@@ -158,7 +158,7 @@ class Trainer:
                 config["gradient_clipping"] = 0.0
         else:
             # Vocabulary-parallel logits: the loss is vocab_parallel_cross_entropy.
-            model = GPTModel(args, parallel_output=True).to(self.device)
+            model = GPTModel(ModelConfig.from_neox(args), parallel_output=True).to(self.device)
         if args.torch_compile:
             mpu.compile_cross_entropy_kernels()
             blocks = compile_transformer_blocks(model)

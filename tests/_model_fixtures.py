@@ -14,7 +14,10 @@ import torch.distributed as dist
 
 
 def make_args(**overrides: Any) -> SimpleNamespace:
-    """A tiny GPT config carrying every key the model reads."""
+    """A tiny GPT config carrying every NeoX key the model reads (ModelConfig.from_neox takes
+    it), with the MLP width derived as NeoXArgs derives it."""
+    from megatron.neox_arguments.sizes import ffn_sizes
+
     args = dict(
         num_layers=2,
         hidden_size=64,
@@ -67,7 +70,9 @@ def make_args(**overrides: Any) -> SimpleNamespace:
     if unknown:
         raise KeyError(f"make_args: unknown keys {sorted(unknown)}")
     args.update(overrides)
-    return SimpleNamespace(**args)
+    namespace = SimpleNamespace(**args)
+    namespace.ffn_hidden_size = ffn_sizes(namespace)[1]
+    return namespace
 
 
 # The configurations the tensor-parallel test compares against a single process.
@@ -127,7 +132,7 @@ def tp_worker(
 ) -> None:
     """Entry point of one spawned rank: run `configs` (TP_CONFIGS) at TP=world_size, rank 0
     saves the results."""
-    from megatron.model import GPTModel
+    from megatron.model import GPTModel, ModelConfig
     from megatron.mpu import destroy_model_parallel, initialize_model_parallel
 
     os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -139,7 +144,9 @@ def tp_worker(
         results = []
         for overrides in TP_CONFIGS if configs is None else configs:
             args = make_args(**overrides)
-            results.append(run_model(GPTModel(args, parallel_output=True), args))
+            results.append(
+                run_model(GPTModel(ModelConfig.from_neox(args), parallel_output=True), args)
+            )
         if rank == 0:
             torch.save(results, out_path + ".tmp")
             os.replace(out_path + ".tmp", out_path)

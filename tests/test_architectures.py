@@ -21,6 +21,7 @@ from megatron.model import (
     INIT_METHODS,
     NORMS,
     GPTModel,
+    ModelConfig,
     TransformerLayer,
     count_parameters,
 )
@@ -41,7 +42,7 @@ HAS_TE = importlib.util.find_spec("transformer_engine") is not None
 
 def train_losses(args: SimpleNamespace, steps: int = 2) -> list[float]:
     """Loss before and after each of `steps` AdamW steps on one fixed batch (no DeepSpeed)."""
-    model = GPTModel(args)
+    model = GPTModel(ModelConfig.from_neox(args))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     tokens = fixed_tokens(args, batch=4)
     losses = []
@@ -68,7 +69,7 @@ def test_every_norm_trains(norm: str) -> None:
     args = make_args(norm=norm)
     if norm.startswith("te_") and not HAS_TE:
         with pytest.raises(ValueError, match="Transformer Engine, which is not installed"):
-            GPTModel(args)
+            GPTModel(ModelConfig.from_neox(args))
         return
     assert_trains(train_losses(args))
 
@@ -86,9 +87,9 @@ def test_every_init_method_trains(method: str) -> None:
 def test_unknown_names_list_the_registered_ones() -> None:
     for key, registry in (("norm", NORMS), ("activation", ACTIVATIONS)):
         with pytest.raises(ValueError, match=f"{key}: unknown .*'nope'.*{sorted(registry)[0]}"):
-            GPTModel(make_args(**{key: "nope"}))
+            GPTModel(ModelConfig.from_neox(make_args(**{key: "nope"})))
     with pytest.raises(ValueError, match="output_layer_init_method: unknown init method 'nope'"):
-        GPTModel(make_args(output_layer_init_method="nope"))
+        GPTModel(ModelConfig.from_neox(make_args(output_layer_init_method="nope")))
 
 
 # --------------------------------------------------------------------------- norms
@@ -99,7 +100,7 @@ def _x(dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
 
 def _perturbed_norm(**overrides) -> torch.nn.Module:
-    norm = build_norm(make_args(**overrides))
+    norm = build_norm(ModelConfig.from_neox(make_args(**overrides)))
     with torch.no_grad():  # norms start at weight 1 / bias 0: move them so both are tested
         for param in norm.parameters():
             param.add_(torch.randn_like(param) * 0.3)
@@ -111,7 +112,9 @@ def test_layernorm_matches_torch() -> None:
     assert sorted(n for n, _ in norm.named_parameters()) == ["bias", "weight"]
     expected = F.layer_norm(_x(), (64,), norm.weight, norm.bias, 1e-5)
     torch.testing.assert_close(norm(_x()), expected)
-    no_bias = build_norm(make_args(norm="layernorm", use_bias_in_norms=False))
+    no_bias = build_norm(
+        ModelConfig.from_neox(make_args(norm="layernorm", use_bias_in_norms=False))
+    )
     assert [n for n, _ in no_bias.named_parameters()] == ["weight"]
 
 
@@ -123,7 +126,7 @@ def test_rmsnorm_matches_formula_and_torch() -> None:
     torch.testing.assert_close(norm(x), manual)
     torch.testing.assert_close(norm(x), F.rms_norm(x, (64,), norm.weight, 1e-6))
     # bf16 in, bf16 out, normalised in fp32 (as Hugging Face's LlamaRMSNorm)
-    bf16 = build_norm(make_args(norm="rmsnorm", params_dtype=torch.bfloat16))
+    bf16 = build_norm(ModelConfig.from_neox(make_args(norm="rmsnorm", params_dtype=torch.bfloat16)))
     out = bf16(_x(torch.bfloat16))
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), F.rms_norm(_x(), (64,), eps=1e-8), atol=0.05, rtol=0.02)
@@ -134,7 +137,7 @@ def test_scalenorm_and_non_parametric_layernorm() -> None:
     assert [(n, p.shape) for n, p in norm.named_parameters()] == [("weight", (1,))]
     x = _x()
     torch.testing.assert_close(norm(x), norm.weight * x / x.norm(dim=-1, keepdim=True))
-    plain = build_norm(make_args(norm="non_parametric_layernorm"))
+    plain = build_norm(ModelConfig.from_neox(make_args(norm="non_parametric_layernorm")))
     assert list(plain.parameters()) == []
     torch.testing.assert_close(plain(x), F.layer_norm(x, (64,), eps=1e-5))
 
@@ -143,18 +146,22 @@ def test_scalenorm_and_non_parametric_layernorm() -> None:
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_model_parameter_count_matches_config_count(norm: str, activation: str) -> None:
     args = make_args(norm=norm, activation=activation, num_kv_heads=2, use_bias_in_mlp=False)
-    assert count_parameters(GPTModel(args)) == parameter_counts(args)["total"]
+    assert (
+        count_parameters(GPTModel(ModelConfig.from_neox(args))) == parameter_counts(args)["total"]
+    )
 
 
 def test_residual_layouts_and_bias_switches() -> None:
     x = _x()
     tied = TransformerLayer(
-        make_args(
-            gpt_j_residual=True,
-            gpt_j_tied=True,
-            use_bias_in_norms=False,
-            use_bias_in_attn_linear=False,
-            use_bias_in_mlp=False,
+        ModelConfig.from_neox(
+            make_args(
+                gpt_j_residual=True,
+                gpt_j_tied=True,
+                use_bias_in_norms=False,
+                use_bias_in_attn_linear=False,
+                use_bias_in_mlp=False,
+            )
         ),
         0,
     )
@@ -163,7 +170,7 @@ def test_residual_layouts_and_bias_switches() -> None:
     with torch.no_grad():
         normed = tied.input_layernorm(x)  # GPT-J: one norm feeds attention and MLP
         torch.testing.assert_close(tied(x), x + tied.attention(normed) + tied.mlp(normed))
-        sequential = TransformerLayer(make_args(), 0)
+        sequential = TransformerLayer(ModelConfig.from_neox(make_args()), 0)
         h = x + sequential.attention(sequential.input_layernorm(x))
         expected = h + sequential.mlp(sequential.post_attention_layernorm(h))
         torch.testing.assert_close(sequential(x), expected)
@@ -196,7 +203,7 @@ def test_gated_mlp_layout_is_gate_then_up() -> None:
     """dense_h_to_4h rows are [gate; up]; out = down(act(gate) * up), as Hugging Face's LlamaMLP."""
     transformers = pytest.importorskip("transformers")
     args = make_args(activation="swiglu", intermediate_size=192, use_bias_in_mlp=False)
-    mlp = MLP(args, torch.nn.init.normal_, torch.nn.init.normal_)
+    mlp = MLP(ModelConfig.from_neox(args), torch.nn.init.normal_, torch.nn.init.normal_)
     f = 64
     assert mlp.dense_h_to_4h.weight.shape == (2 * f, 64)
     assert mlp.dense_4h_to_h.weight.shape == (64, f)
@@ -222,7 +229,7 @@ def test_gated_mlp_layout_is_gate_then_up() -> None:
 )
 def test_gated_activations_with_biases(activation: str, gate_fn) -> None:
     args = make_args(activation=activation, intermediate_size=96)
-    mlp = MLP(args, torch.nn.init.normal_, torch.nn.init.normal_)
+    mlp = MLP(ModelConfig.from_neox(args), torch.nn.init.normal_, torch.nn.init.normal_)
     with torch.no_grad():
         for bias in (mlp.dense_h_to_4h.bias, mlp.dense_4h_to_h.bias):
             bias.normal_()
@@ -255,14 +262,20 @@ def test_single_residual_xavier_and_orthogonal_inits() -> None:
     args = make_args(
         hidden_size=h, num_layers=n, output_layer_init_method="single_residual_scaled_normal"
     )
-    layer = GPTModel(args).layers[0]
+    layer = GPTModel(ModelConfig.from_neox(args)).layers[0]
     assert layer.mlp.dense_4h_to_h.weight.std().item() == pytest.approx(0.02 / n**0.5, rel=0.03)
 
-    xavier = GPTModel(make_args(hidden_size=h, init_method="xavier_normal")).layers[0]
+    xavier = GPTModel(
+        ModelConfig.from_neox(make_args(hidden_size=h, init_method="xavier_normal"))
+    ).layers[0]
     weight = xavier.mlp.dense_h_to_4h.weight  # [4h, h]
     assert weight.std().item() == pytest.approx(math.sqrt(2 / (h + 4 * h)), rel=0.03)
 
-    ortho = GPTModel(make_args(hidden_size=h, num_layers=n, init_method="scaled_orthogonal"))
+    ortho = GPTModel(
+        ModelConfig.from_neox(
+            make_args(hidden_size=h, num_layers=n, init_method="scaled_orthogonal")
+        )
+    )
     w = ortho.layers[0].mlp.dense_h_to_4h.weight  # [4h, h]: W^T W = gain^2 I, gain^2 = 2 / layers
     torch.testing.assert_close(w.T @ w, torch.eye(h) * 2 / n, atol=1e-4, rtol=0)
 
@@ -279,33 +292,38 @@ def mup_args(width: int, **overrides) -> SimpleNamespace:
 
 def test_mup_init_scales_with_width() -> None:
     m = 4
-    model = GPTModel(mup_args(64 * m, mup_init_scale=1.5))
+    model = GPTModel(ModelConfig.from_neox(mup_args(64 * m, mup_init_scale=1.5)))
     layer = model.layers[0]
     for hidden in (layer.attention.query_key_value.weight, layer.mlp.dense_h_to_4h.weight):
         assert hidden.std().item() == pytest.approx(1.5 * 0.02 / m**0.5, rel=0.03)
     assert model.embedding.word_embeddings.weight.std().item() == pytest.approx(0.03, rel=0.03)
     assert model.lm_head.weight.std().item() == pytest.approx(1.5 * 0.02 * m**0.5, rel=0.03)
     # small_init's width is the base width under muP: std sqrt(2 / (5 x 64)) / sqrt(m)
-    small = GPTModel(mup_args(64 * m, init_method="small_init")).layers[0]
+    small = GPTModel(ModelConfig.from_neox(mup_args(64 * m, init_method="small_init"))).layers[0]
     want = math.sqrt(2 / (5 * 64)) / m**0.5
     assert small.attention.query_key_value.weight.std().item() == pytest.approx(want, rel=0.03)
 
 
 def test_mup_at_base_width_changes_only_the_multipliers() -> None:
-    sp, mup = GPTModel(make_args(no_weight_tying=True)), GPTModel(mup_args(64))
+    sp, mup = (
+        GPTModel(ModelConfig.from_neox(make_args(no_weight_tying=True))),
+        GPTModel(ModelConfig.from_neox(mup_args(64))),
+    )
     for (name, a), (_, b) in zip(sp.named_parameters(), mup.named_parameters(), strict=True):
         assert torch.equal(a, b), name
     tokens = fixed_tokens(make_args())
-    hot = GPTModel(mup_args(64, mup_output_temp=2.0, mup_embedding_mult=1.0))
+    hot = GPTModel(ModelConfig.from_neox(mup_args(64, mup_output_temp=2.0, mup_embedding_mult=1.0)))
     with torch.no_grad():
         torch.testing.assert_close(hot(tokens), 2 * mup(tokens))
-        scaled = GPTModel(mup_args(64, mup_embedding_mult=3.0)).embedding(tokens)
+        scaled = GPTModel(ModelConfig.from_neox(mup_args(64, mup_embedding_mult=3.0))).embedding(
+            tokens
+        )
         torch.testing.assert_close(scaled, 3 * mup.embedding(tokens))
 
 
 def test_mup_optimizer_groups() -> None:
     args = mup_args(256, optimizer={"type": "Adam", "params": {}}, lr=1e-2, weight_decay=0.1)
-    model = GPTModel(args)
+    model = GPTModel(ModelConfig.from_neox(args))
     optimizer = build_optimizer(args, model)
     lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
     layer = model.layers[0]
@@ -325,11 +343,11 @@ def test_mup_optimizer_groups() -> None:
 
 def test_mup_errors() -> None:
     with pytest.raises(ValueError, match="use_mup needs mup_base_width"):
-        GPTModel(mup_args(64, mup_base_width=None))
+        GPTModel(ModelConfig.from_neox(mup_args(64, mup_base_width=None)))
     with pytest.raises(
         ValueError, match="init_method: 'xavier_normal' cannot be used with use_mup"
     ):
-        GPTModel(mup_args(64, init_method="xavier_normal"))
+        GPTModel(ModelConfig.from_neox(mup_args(64, init_method="xavier_normal")))
     config = {
         "num_layers": 2,
         "hidden_size": 64,

@@ -13,7 +13,7 @@ from _config_fixtures import small_config
 from _model_fixtures import fixed_tokens, make_args
 
 import megatron.model.attention_backends as attention_backends
-from megatron.model import GPTModel, count_parameters
+from megatron.model import GPTModel, ModelConfig, count_parameters
 from megatron.model.attention import SelfAttention, kv_replicas, replicated_kv_row_order
 from megatron.model.attention_backends import AttentionOptions, FlashAttention, SDPAAttention
 from megatron.model.kv_cache import KVCache
@@ -31,7 +31,11 @@ HEAD_DIM = HIDDEN // HEADS
 def _attention(seed: int = 0, **overrides) -> tuple[SelfAttention, object]:
     args = make_args(**overrides)
     torch.manual_seed(seed)
-    attn = SelfAttention(args, lambda w: torch.nn.init.normal_(w, std=0.2), torch.nn.init.normal_)
+    attn = SelfAttention(
+        ModelConfig.from_neox(args),
+        lambda w: torch.nn.init.normal_(w, std=0.2),
+        torch.nn.init.normal_,
+    )
     with torch.no_grad():  # biases and norm weights start at 0 / 1: perturb so all are tested
         for param in attn.parameters():
             if param.ndim == 1:
@@ -153,7 +157,10 @@ def _mha_state_from_gqa(state: dict, args) -> dict:
 @pytest.mark.parametrize("kv_heads", [2, 1])
 def test_gqa_equals_mha_with_repeated_key_value_heads(kv_heads: int) -> None:
     gqa_args = make_args(num_kv_heads=kv_heads)
-    gqa, mha = GPTModel(gqa_args).eval(), GPTModel(make_args()).eval()
+    gqa, mha = (
+        GPTModel(ModelConfig.from_neox(gqa_args)).eval(),
+        GPTModel(ModelConfig.from_neox(make_args())).eval(),
+    )
     assert gqa.layers[0].attention.query_key_value.weight.shape == (
         (HEADS + 2 * kv_heads) * HEAD_DIM,
         HIDDEN,
@@ -171,8 +178,8 @@ def test_gqa_equals_mha_with_repeated_key_value_heads(kv_heads: int) -> None:
 
 
 def test_sliding_window_equals_explicit_band_mask_and_matters() -> None:
-    windowed = GPTModel(make_args(sliding_window_width=4)).eval()
-    full = GPTModel(make_args()).eval()
+    windowed = GPTModel(ModelConfig.from_neox(make_args(sliding_window_width=4))).eval()
+    full = GPTModel(ModelConfig.from_neox(make_args())).eval()
     tokens = fixed_tokens(make_args())
     s = tokens.size(1)
     i, j = torch.arange(s)[:, None], torch.arange(s)[None, :]
@@ -197,7 +204,9 @@ def test_rotary_matches_transformers_gpt_neox() -> None:
 
     for pct in (0.25, 1.0):
         args = make_args(rotary_pct=pct)
-        rotary = SelfAttention(args, torch.nn.init.normal_, torch.nn.init.normal_).qk_positional
+        rotary = SelfAttention(
+            ModelConfig.from_neox(args), torch.nn.init.normal_, torch.nn.init.normal_
+        ).qk_positional
         q, k = torch.randn(2, 4, 9, HEAD_DIM), torch.randn(2, 2, 9, HEAD_DIM)
         positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 8], [3, 4, 5, 0, 1, 2, 30, 31, 40]])
         cos, sin = _hf_rotary(args, positions)
@@ -238,8 +247,8 @@ def test_rope_scaling_matches_transformers(scaling) -> None:
     torch.testing.assert_close(got, want, atol=0, rtol=0)
     assert not torch.equal(got, rope_inv_freq(128, 500000.0))
     # The model uses it: a scaled model rotates differently.
-    plain = GPTModel(make_args(rotary_pct=1.0)).eval()
-    scaled = GPTModel(make_args(rotary_pct=1.0, rope_scaling=scaling)).eval()
+    plain = GPTModel(ModelConfig.from_neox(make_args(rotary_pct=1.0))).eval()
+    scaled = GPTModel(ModelConfig.from_neox(make_args(rotary_pct=1.0, rope_scaling=scaling))).eval()
     tokens = fixed_tokens(make_args())
     with torch.no_grad():
         assert not torch.allclose(plain(tokens), scaled(tokens))
@@ -247,7 +256,9 @@ def test_rope_scaling_matches_transformers(scaling) -> None:
 
 def test_rope_scaling_errors() -> None:
     with pytest.raises(ValueError, match="rope_type 'yarn' is not supported"):
-        GPTModel(make_args(rope_scaling={"rope_type": "yarn", "factor": 2.0}))
+        GPTModel(
+            ModelConfig.from_neox(make_args(rope_scaling={"rope_type": "yarn", "factor": 2.0}))
+        )
     with pytest.raises(ValueError, match="high_freq_factor > 0"):
         rope_inv_freq(16, 10000, {"rope_type": "llama3", "factor": 8, "low_freq_factor": 1})
 
@@ -262,23 +273,30 @@ def test_alibi_slopes_follow_press_et_al() -> None:
 
 def test_absolute_position_embeddings() -> None:
     positions = torch.tensor([[0, 3, 7]])
-    sinusoidal = GPTModel(make_args(pos_emb="sinusoidal")).embedding.position_embeddings
+    sinusoidal = GPTModel(
+        ModelConfig.from_neox(make_args(pos_emb="sinusoidal"))
+    ).embedding.position_embeddings
     got = sinusoidal(positions)[0]
     for row, p in enumerate((0, 3, 7)):
         for c in (0, 5, HIDDEN // 2 - 1):
             angle = p / 10000 ** (2 * c / HIDDEN)
             assert got[row, c].item() == pytest.approx(math.sin(angle), abs=1e-6)
             assert got[row, HIDDEN // 2 + c].item() == pytest.approx(math.cos(angle), abs=1e-6)
-    learned = GPTModel(make_args(pos_emb="learned")).embedding.position_embeddings
+    learned = GPTModel(
+        ModelConfig.from_neox(make_args(pos_emb="learned"))
+    ).embedding.position_embeddings
     torch.testing.assert_close(learned(positions)[0], learned.weight[[0, 3, 7]])
     # No state: sinusoidal positions add no parameters and nothing to checkpoints.
-    assert not any("position" in k for k in GPTModel(make_args(pos_emb="sinusoidal")).state_dict())
+    assert not any(
+        "position" in k
+        for k in GPTModel(ModelConfig.from_neox(make_args(pos_emb="sinusoidal"))).state_dict()
+    )
 
 
 @pytest.mark.parametrize("pos_emb", sorted(POS_EMBS))
 def test_every_pos_emb_builds_and_trains(pos_emb: str) -> None:
     args = make_args(pos_emb=pos_emb, rotary_pct=0.5)
-    model = GPTModel(args)
+    model = GPTModel(ModelConfig.from_neox(args))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     tokens = fixed_tokens(args, batch=2)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -299,7 +317,7 @@ def test_parameter_count_matches_config_formula() -> None:
         {"num_kv_heads": 1, "use_qk_layernorm": True, "norm": "rmsnorm", "pos_emb": "sinusoidal"},
     ):
         args = make_args(**overrides)
-        model = GPTModel(args)
+        model = GPTModel(ModelConfig.from_neox(args))
         assert count_parameters(model) == parameter_counts(args)["total"]
         assert "layers.0.attention.q_norm.weight" in model.state_dict()
 
@@ -332,7 +350,7 @@ def _padded_batch(args, pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 )
 def test_cached_decoding_matches_full_forward(overrides) -> None:
     args = make_args(**overrides)
-    model = GPTModel(args).eval()
+    model = GPTModel(ModelConfig.from_neox(args)).eval()
     tokens, positions, mask = _padded_batch(args, pad=3)
     s = tokens.size(1)
     with torch.no_grad():
@@ -362,7 +380,7 @@ def test_cached_decoding_matches_full_forward(overrides) -> None:
 
 def test_left_padding_does_not_change_the_real_tokens() -> None:
     args = make_args(num_kv_heads=2, pos_emb="alibi", sliding_window_width=6)
-    model = GPTModel(args).eval()
+    model = GPTModel(ModelConfig.from_neox(args)).eval()
     tokens, positions, mask = _padded_batch(args, pad=4)
     with torch.no_grad():
         padded = model(tokens, positions, mask)[0, 4:]
@@ -372,7 +390,7 @@ def test_left_padding_does_not_change_the_real_tokens() -> None:
 
 
 def test_cache_mask_shape_is_checked() -> None:
-    model = GPTModel(make_args()).eval()
+    model = GPTModel(ModelConfig.from_neox(make_args())).eval()
     tokens = fixed_tokens(make_args())
     cache = KVCache(2)
     with torch.no_grad():
@@ -402,7 +420,7 @@ def test_missing_backend_package_is_a_clear_error(overrides, match) -> None:
         if importlib.util.find_spec(module) is not None:
             pytest.skip(f"{module} is installed")
     with pytest.raises(ImportError, match=f"{match}.*attention_backend: sdpa"):
-        GPTModel(make_args(**overrides))
+        GPTModel(ModelConfig.from_neox(make_args(**overrides)))
 
 
 def test_config_checks_attention_keys() -> None:
@@ -439,7 +457,7 @@ def test_config_checks_attention_keys() -> None:
         )
     )  # the bytes tokenizer needs no files, so the vocabulary is padded and sizes derived
     assert args.attention_config == ["global", "global"]
-    model = GPTModel(args)
+    model = GPTModel(ModelConfig.from_neox(args))
     assert count_parameters(model) == args.num_parameters
     assert model(torch.zeros(1, 5, dtype=torch.long)).shape == (1, 5, args.padded_vocab_size)
 
@@ -566,7 +584,7 @@ def test_sdpa_grouped_heads_with_a_mask_equal_repeated_heads(alibi: bool) -> Non
 
 def test_one_forward_combines_its_mask_once(monkeypatch) -> None:
     args = make_args(num_kv_heads=2, num_layers=3)
-    model = GPTModel(args).eval()
+    model = GPTModel(ModelConfig.from_neox(args)).eval()
     tokens, positions, mask = _padded_batch(args, pad=3)
     with torch.no_grad():
         want = model(tokens, positions, mask)

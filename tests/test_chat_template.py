@@ -19,7 +19,7 @@ from conftest import run_tool
 from megatron.data.data_utils import build_train_valid_test_datasets
 from megatron.data.indexed_dataset import MMapIndexedDataset
 from megatron.losses import LossContext, get_train_impl
-from megatron.model import GPTModel
+from megatron.model import GPTModel, ModelConfig
 from megatron.neox_arguments import NeoXArgs
 from tools.datasets.preprocess_data_with_chat_template import main
 
@@ -280,7 +280,9 @@ def test_sft_loss_covers_only_the_assistant_tokens(tmp_path, smollm2_hf, tokeniz
     train, _, _ = build_train_valid_test_datasets(args, (3, 1, 1))
     batch = torch.utils.data.default_collate([train[i] for i in range(3)])
     torch.manual_seed(0)
-    model = GPTModel(make_args(padded_vocab_size=args.padded_vocab_size, seq_length=128))
+    model = GPTModel(
+        ModelConfig.from_neox(make_args(padded_vocab_size=args.padded_vocab_size, seq_length=128))
+    )
     loss, _ = get_train_impl("normal").loss(model, batch, LossContext(args, eod=0))
 
     targets = batch["label"][:, 1:]

@@ -28,6 +28,7 @@ from megatron.data.sample_index import (
     num_epochs_needed,
     pack_starts,
 )
+from megatron.model import ModelConfig
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -326,7 +327,7 @@ def test_packed_documents_with_reset_masks_see_only_themselves() -> None:
 
     torch.manual_seed(0)
     args = make_args(seq_length=12)
-    model = GPTModel(args).eval()
+    model = GPTModel(ModelConfig.from_neox(args)).eval()
     eod = 1
     first, second = torch.tensor([5, 9, 3, eod]), torch.tensor([7, 8, 2, 4, 6, 11, 12, 13])
     text = torch.cat([first, second, torch.tensor([0])])[None]

@@ -15,7 +15,7 @@ from _config_fixtures import small_config, write_config
 from _model_fixtures import make_args
 from conftest import REPO, run_tool
 
-from megatron.model import GPTModel
+from megatron.model import GPTModel, ModelConfig
 from megatron.text_generation import filter_logits, generate_batch, sample_next_token
 
 pytestmark = pytest.mark.timeout(600)
@@ -29,7 +29,7 @@ def tiny_model(**overrides) -> GPTModel:
     settings = dict(no_weight_tying=True, init_method_std=0.3, seq_length=32)
     args = make_args(**{**settings, **overrides})
     torch.manual_seed(0)
-    return GPTModel(args).eval()
+    return GPTModel(ModelConfig.from_neox(args)).eval()
 
 
 def greedy(model: GPTModel, prompts: list[list[int]], **kwargs) -> list[list[int]]:
@@ -305,7 +305,7 @@ def test_input_file_writes_a_record_per_prompt(trained, tmp_path):
 
     # The file holds what the loaded checkpoint generates greedily, prompt by prompt.
     args = NeoXArgs.from_ymls([str(trained)], overrides)
-    model = GPTModel(args).eval()
+    model = GPTModel(ModelConfig.from_neox(args)).eval()
     load_checkpoint(args, model, None, None, load_rng=False)
     tokenizer = build_tokenizer("bytes")
     for record in records:

@@ -18,7 +18,7 @@ from _config_fixtures import small_config, write_config
 from _model_fixtures import make_args
 from conftest import REPO
 
-from megatron.model import GPTModel
+from megatron.model import GPTModel, ModelConfig
 from megatron.model.attention_backends import AttentionOptions, build_attention_backend
 from megatron.model.kv_cache import KVCache
 from megatron.text_generation import generate_batch
@@ -170,7 +170,7 @@ def test_checkpoint_moves_between_cuda_and_cpu(runs, tmp_path):
     args.load = str(runs["zero0"] / "ckpt")
 
     def loaded(device: str) -> GPTModel:
-        model = GPTModel(args).to(device).eval()
+        model = GPTModel(ModelConfig.from_neox(args)).to(device).eval()
         load_checkpoint(args, model, None, None, load_rng=False)
         return model
 
@@ -237,7 +237,11 @@ def test_sdpa_flash_matches_math(kv_heads):
 def _tiny_generator_model(dtype: torch.dtype, **overrides) -> GPTModel:
     settings = dict(no_weight_tying=True, init_method_std=0.3, seq_length=64)
     torch.manual_seed(0)
-    return GPTModel(make_args(**{**settings, **overrides})).to("cuda", dtype).eval()
+    return (
+        GPTModel(ModelConfig.from_neox(make_args(**{**settings, **overrides})))
+        .to("cuda", dtype)
+        .eval()
+    )
 
 
 @pytest.mark.parametrize("overrides", [{}, {"num_kv_heads": 2}], ids=["mha", "gqa"])

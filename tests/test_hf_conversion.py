@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from megatron.checkpointing import CheckpointError, load_checkpoint, save_weights_checkpoint
 from megatron.conversion.strata_io import model_args
-from megatron.model import GPTModel
+from megatron.model import GPTModel, ModelConfig
 from tools.ckpts.convert_hf_to_neox import convert_hf_to_neox
 from tools.ckpts.convert_hf_to_neox import main as hf_to_neox_main
 from tools.ckpts.convert_neox_to_hf import convert_neox_to_hf
@@ -85,7 +85,7 @@ def make_hf(folder: Path, case: str, tokenizer_size: int = VOCAB):
 def strata_model(ckpt: Path, config: Path | None = None) -> GPTModel:
     args = model_args([config or ckpt / "config.yml"])
     args.load = str(ckpt)
-    model = GPTModel(args).eval()
+    model = GPTModel(ModelConfig.from_neox(args)).eval()
     load_checkpoint(args, model, None, None)
     return model
 
@@ -229,7 +229,7 @@ def test_weights_only_checkpoint_loads_without_optimizer_state(tmp_path):
     ckpt = convert_hf_to_neox(tmp_path / "hf", tmp_path / "ckpt")
     args = model_args([ckpt / "config.yml"])
     args.load = str(ckpt)
-    model = GPTModel(args)
+    model = GPTModel(ModelConfig.from_neox(args))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     with pytest.raises(CheckpointError, match="weights only.*finetune: true"):
         load_checkpoint(args, model, optimizer, None, load_optimizer=True)
@@ -306,7 +306,7 @@ def test_strata_trained_model_exports(tmp_path, request, tokenizer):
     config = Path(write_config(tmp_path / "native.yml", values))
     args = model_args([config])
     torch.manual_seed(1)
-    model = GPTModel(args).eval()
+    model = GPTModel(ModelConfig.from_neox(args)).eval()
     with torch.no_grad():
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.1)

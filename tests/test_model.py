@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import pickle
 import random
@@ -22,7 +23,7 @@ from _model_fixtures import (
     tp_worker,
 )
 
-from megatron.model import GPTModel, count_parameters
+from megatron.model import GPTModel, ModelConfig, count_parameters
 from megatron.mpu import get_rng_state, parallel_grid, set_rng_state, vocab_parallel_cross_entropy
 
 HF_VOCAB = 100
@@ -69,7 +70,7 @@ def _strata_name(hf_name: str) -> str:
 def test_logits_match_hugging_face_gpt_neox(parallel_residual: bool) -> None:
     hf = _hf_neox(parallel_residual)
     args = make_args(no_weight_tying=True, gpt_j_residual=parallel_residual)
-    model = GPTModel(args).eval()
+    model = GPTModel(ModelConfig.from_neox(args)).eval()
     ours = dict(model.named_parameters())
     with torch.no_grad():
         for hf_name, hf_param in hf.named_parameters():
@@ -86,11 +87,11 @@ def test_logits_match_hugging_face_gpt_neox(parallel_residual: bool) -> None:
 
 
 def test_tied_head_shares_embedding_storage() -> None:
-    tied = GPTModel(make_args())
+    tied = GPTModel(ModelConfig.from_neox(make_args()))
     assert tied.lm_head.output_weight() is tied.embedding.word_embeddings.weight
     assert "lm_head.weight" not in tied.state_dict()
 
-    untied = GPTModel(make_args(no_weight_tying=True))
+    untied = GPTModel(ModelConfig.from_neox(make_args(no_weight_tying=True)))
     head, embedding = untied.lm_head.output_weight(), untied.embedding.word_embeddings.weight
     assert head.data_ptr() != embedding.data_ptr()
     assert not torch.equal(head, embedding)
@@ -99,8 +100,8 @@ def test_tied_head_shares_embedding_storage() -> None:
 
 def test_learned_positions_run_and_differ_from_rotary() -> None:
     tokens = fixed_tokens(make_args())
-    rotary = GPTModel(make_args())
-    learned = GPTModel(make_args(pos_emb="learned"))
+    rotary = GPTModel(ModelConfig.from_neox(make_args()))
+    learned = GPTModel(ModelConfig.from_neox(make_args(pos_emb="learned")))
     assert "embedding.position_embeddings.weight" in learned.state_dict()
     assert not any("position_embeddings" in k for k in rotary.state_dict())
     with torch.no_grad():
@@ -128,7 +129,7 @@ def test_init_method_std(method: str) -> None:
     args = make_args(
         hidden_size=h, num_layers=n, init_method=method, output_layer_init_method=method
     )
-    model = GPTModel(args)
+    model = GPTModel(ModelConfig.from_neox(args))
     want = INIT_STD[method](h, n)
     layer = model.layers[1]
     # init_method: input-side weights and embeddings; output_layer_init_method: the projections
@@ -148,7 +149,11 @@ def test_init_method_std(method: str) -> None:
 
 def test_output_layer_init_method_applies_to_output_projections_only() -> None:
     h, n = 256, 8
-    model = GPTModel(make_args(hidden_size=h, num_layers=n, output_layer_init_method="wang_init"))
+    model = GPTModel(
+        ModelConfig.from_neox(
+            make_args(hidden_size=h, num_layers=n, output_layer_init_method="wang_init")
+        )
+    )
     layer = model.layers[0]
     assert layer.attention.dense.weight.std().item() == pytest.approx(2 / n / h**0.5, rel=0.03)
     assert layer.mlp.dense_4h_to_h.weight.std().item() == pytest.approx(2 / n / h**0.5, rel=0.03)
@@ -157,9 +162,9 @@ def test_output_layer_init_method_applies_to_output_projections_only() -> None:
 
 def test_weights_do_not_depend_on_the_other_layers() -> None:
     # Pipeline stages build only some layers: each layer draws from its own RNG stream.
-    two = GPTModel(make_args(num_layers=2))
+    two = GPTModel(ModelConfig.from_neox(make_args(num_layers=2)))
     torch.rand(100)  # global RNG traffic between the builds must not matter either
-    three = GPTModel(make_args(num_layers=3))
+    three = GPTModel(ModelConfig.from_neox(make_args(num_layers=3)))
     assert torch.equal(two.embedding.word_embeddings.weight, three.embedding.word_embeddings.weight)
     for i in range(2):
         assert torch.equal(
@@ -173,7 +178,7 @@ def test_weights_do_not_depend_on_the_other_layers() -> None:
 
 
 def test_model_is_causal() -> None:
-    model = GPTModel(make_args(pos_emb="learned")).eval()
+    model = GPTModel(ModelConfig.from_neox(make_args(pos_emb="learned"))).eval()
     tokens = fixed_tokens(make_args())
     changed = tokens.clone()
     t = 9
@@ -185,7 +190,7 @@ def test_model_is_causal() -> None:
 
 
 def test_explicit_causal_mask_matches_default() -> None:
-    model = GPTModel(make_args()).eval()
+    model = GPTModel(ModelConfig.from_neox(make_args())).eval()
     tokens = fixed_tokens(make_args())
     s = tokens.size(1)
     mask = torch.ones(s, s, dtype=torch.bool).tril()
@@ -197,7 +202,7 @@ def test_explicit_causal_mask_matches_default() -> None:
 
 def test_explicit_position_ids_match_default() -> None:
     for pos_emb in ("rotary", "learned"):
-        model = GPTModel(make_args(pos_emb=pos_emb)).eval()
+        model = GPTModel(ModelConfig.from_neox(make_args(pos_emb=pos_emb))).eval()
         tokens = fixed_tokens(make_args())
         positions = torch.arange(tokens.size(1)).expand_as(tokens)
         with torch.no_grad():
@@ -206,7 +211,7 @@ def test_explicit_position_ids_match_default() -> None:
 
 def test_training_steps_reduce_loss() -> None:
     args = make_args()
-    model = GPTModel(args)
+    model = GPTModel(ModelConfig.from_neox(args))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     tokens = fixed_tokens(args, batch=4)
     losses = []
@@ -221,7 +226,7 @@ def test_training_steps_reduce_loss() -> None:
 
 
 def test_dropout_only_in_training() -> None:
-    model = GPTModel(make_args(hidden_dropout=0.3, attention_dropout=0.3))
+    model = GPTModel(ModelConfig.from_neox(make_args(hidden_dropout=0.3, attention_dropout=0.3)))
     tokens = fixed_tokens(make_args())
     with torch.no_grad():
         model.train()
@@ -233,7 +238,7 @@ def test_dropout_only_in_training() -> None:
 
 
 def test_bf16_forward_keeps_param_dtype() -> None:
-    model = GPTModel(make_args(params_dtype=torch.bfloat16))
+    model = GPTModel(ModelConfig.from_neox(make_args(params_dtype=torch.bfloat16)))
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     with torch.no_grad():
         logits = model(fixed_tokens(make_args()))
@@ -290,6 +295,26 @@ def test_compiled_cross_entropy_kernels_match_eager(monkeypatch) -> None:
     torch.testing.assert_close(compiled_loss, reference)
 
 
+def test_the_model_builds_from_model_config_alone() -> None:
+    """No NeoX or training config: the sizes and the choices that differ from the defaults."""
+    config = ModelConfig(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        padded_vocab_size=128,
+        max_position_embeddings=32,
+        pos_emb="rotary",
+        rotary_pct=0.25,
+    )
+    assert config == ModelConfig.from_neox(make_args())
+    assert config.ffn_hidden_size == 256 and config.attention_backends == ("sdpa", "sdpa")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.hidden_size = 128
+    alone, from_neox = GPTModel(config), GPTModel(ModelConfig.from_neox(make_args()))
+    for (name, a), (_, b) in zip(alone.state_dict().items(), from_neox.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
 def test_rng_state_round_trip() -> None:
     def draw():
         return random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist()
@@ -329,20 +354,20 @@ def expected_parameter_count(args) -> int:
 )
 def test_parameter_count_matches_formula(overrides) -> None:
     args = make_args(**overrides)
-    assert count_parameters(GPTModel(args)) == expected_parameter_count(args)
+    assert count_parameters(GPTModel(ModelConfig.from_neox(args))) == expected_parameter_count(args)
 
 
 def test_bad_config_errors_name_the_key() -> None:
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
-        GPTModel(make_args(num_kv_heads=3))
+        GPTModel(ModelConfig.from_neox(make_args(num_kv_heads=3)))
     with pytest.raises(ValueError, match="init_method"):
-        GPTModel(make_args(init_method="nope"))
+        GPTModel(ModelConfig.from_neox(make_args(init_method="nope")))
     with pytest.raises(ValueError, match="activation"):
-        GPTModel(make_args(activation="nope"))
+        GPTModel(ModelConfig.from_neox(make_args(activation="nope")))
     with pytest.raises(ValueError, match="pos_emb: 'rpe'.*not supported"):
-        GPTModel(make_args(pos_emb="rpe"))
+        GPTModel(ModelConfig.from_neox(make_args(pos_emb="rpe")))
     with pytest.raises(ValueError, match="rotary_pct"):
-        GPTModel(make_args(rotary_pct=0.1))  # 1.6 channels per 16-wide head
+        GPTModel(ModelConfig.from_neox(make_args(rotary_pct=0.1)))  # 1.6 channels per 16-wide head
 
 
 def test_parallel_grid_matches_deepspeed_topology() -> None:
@@ -371,7 +396,7 @@ def test_tensor_parallel_matches_single_process(tmp_path, tp, configs) -> None:
     results = torch.load(out)
     for overrides, result in zip(configs, results, strict=True):
         args = make_args(**overrides)
-        single = run_model(GPTModel(args), args)
+        single = run_model(GPTModel(ModelConfig.from_neox(args)), args)
         torch.testing.assert_close(result["logits"], single["logits"], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(result["loss"], single["loss"])
         assert result["grads"].keys() == single["grads"].keys()
@@ -390,7 +415,7 @@ def test_compiled_blocks_match_eager(overrides) -> None:
     from megatron.model.compile import compile_transformer_blocks
 
     args = make_args(**overrides)
-    eager = GPTModel(args)
+    eager = GPTModel(ModelConfig.from_neox(args))
     compiled = copy.deepcopy(eager)
     assert compile_transformer_blocks(compiled) == args.num_layers
     assert list(compiled.state_dict()) == list(eager.state_dict())

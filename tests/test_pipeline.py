@@ -17,7 +17,7 @@ from _model_fixtures import make_args as _make_args
 from conftest import run_tool
 from test_training import read_metrics
 
-from megatron.model import GPTModel
+from megatron.model import GPTModel, ModelConfig
 from megatron.model.pipeline import canonical_name
 from megatron.mpu.random import model_parallel_seed
 
@@ -35,7 +35,7 @@ def make_args(**overrides):
 
 
 def _loss_and_grads(args, tokens: torch.Tensor) -> tuple[torch.Tensor, dict, list[int]]:
-    model = GPTModel(args).train()
+    model = GPTModel(ModelConfig.from_neox(args)).train()
     calls: list[int] = []
     for i, layer in enumerate(model.layers):
         layer.register_forward_hook(lambda *_, i=i: calls.append(i))
@@ -124,7 +124,7 @@ def test_pipeline_stages_hold_the_sequential_weights(overrides):
     for proc in procs:
         proc.join(timeout=60)
         assert proc.exitcode == 0
-    reference = dict(GPTModel(make_args(**overrides)).named_parameters())
+    reference = dict(GPTModel(ModelConfig.from_neox(make_args(**overrides))).named_parameters())
     # Each stage holds a disjoint part; together they are the whole sequential model.
     assert not stages[0].keys() & stages[1].keys()
     assert stages[0].keys() | stages[1].keys() == reference.keys()

@@ -55,7 +55,7 @@ def test_a_taken_name_is_refused_and_nothing_is_added() -> None:
 
 def test_public_register_functions_refuse_taken_names() -> None:
     with pytest.raises(ValueError, match="norm 'rmsnorm' is already registered"):
-        register_norm("rmsnorm", lambda args: torch.nn.Identity())
+        register_norm("rmsnorm", lambda config, width: torch.nn.Identity())
     with pytest.raises(ValueError, match="decay style 'cosine' is already registered"):
         register_decay_style("cosine")(_identity)
     with pytest.raises(ValueError, match="train_impl 'dpo' is already registered"):
@@ -102,7 +102,7 @@ def dataset(tmp_path: Path) -> str:
 @pytest.fixture
 def user_entries() -> Iterator[None]:
     """A norm and a decay style registered in-process, as a user's ablation does."""
-    register_norm("test_unit_norm", lambda args: torch.nn.LayerNorm(args.hidden_size))
+    register_norm("test_unit_norm", lambda config, width: torch.nn.LayerNorm(width))
     register_decay_style("test_half_then_zero")(lambda progress: 0.5 if progress < 1 else 0.0)
     yield
     del NORMS["test_unit_norm"]

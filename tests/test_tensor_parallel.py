@@ -16,7 +16,7 @@ from _config_fixtures import small_config, write_config, write_dataset
 from _model_fixtures import fixed_tokens, make_args, run_model
 from conftest import run_tool
 
-from megatron.model import GPTModel
+from megatron.model import GPTModel, ModelConfig
 from megatron.neox_arguments import ConfigError, NeoXArgs
 
 pytestmark = pytest.mark.timeout(300)
@@ -103,7 +103,9 @@ def _worker(rank: int, port: int, out_path: str) -> None:
         initialize_model_parallel(tensor_parallel_size=TP)
         results = {"mappings": _check_mappings(rank), "rng": _check_rng_tracker(rank)}
         args = make_args(**SP_MODEL)
-        results["model"] = run_model(GPTModel(args, parallel_output=True), args)
+        results["model"] = run_model(
+            GPTModel(ModelConfig.from_neox(args), parallel_output=True), args
+        )
         gathered = [None] * TP
         dist.all_gather_object(gathered, results)
         if rank == 0:
@@ -138,7 +140,7 @@ def test_rng_tracker_streams(tp_results) -> None:
 
 def test_sequence_parallel_model_matches_single_process(tp_results) -> None:
     args = make_args(**{**SP_MODEL, "sequence_parallel": False})
-    single = run_model(GPTModel(args), args)
+    single = run_model(GPTModel(ModelConfig.from_neox(args)), args)
     for tp in tp_results:
         torch.testing.assert_close(tp["model"]["logits"], single["logits"], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(tp["model"]["loss"], single["loss"])
@@ -154,7 +156,9 @@ def test_sequence_parallel_generation_is_a_clear_error() -> None:
     from megatron.model.kv_cache import KVCache
 
     args = make_args(**SP_MODEL)
-    model = GPTModel(args)  # one process: sequence parallelism is off, generation works
+    model = GPTModel(
+        ModelConfig.from_neox(args)
+    )  # one process: sequence parallelism is off, generation works
     assert model.sequence_parallel is False
     model.sequence_parallel = True
     with pytest.raises(ValueError, match="generate with sequence_parallel false"):

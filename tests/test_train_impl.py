@@ -27,7 +27,7 @@ from megatron.losses import (
     register_train_impl,
     save_reference_model,
 )
-from megatron.model import GPTModel
+from megatron.model import GPTModel, ModelConfig
 from megatron.neox_arguments import ConfigError, NeoXArgs
 
 pytestmark = pytest.mark.timeout(600)
@@ -43,7 +43,7 @@ def loss_args(**overrides) -> SimpleNamespace:
 
 def tiny_model(seed: int = 0) -> GPTModel:
     torch.manual_seed(seed)
-    return GPTModel(make_args(padded_vocab_size=64)).eval()
+    return GPTModel(ModelConfig.from_neox(make_args(padded_vocab_size=64))).eval()
 
 
 def manual_sequence_logps(model, text: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -183,7 +183,7 @@ def test_reference_model_round_trips_beside_the_checkpoints(tmp_path):
     assert load_reference_model(other, tmp_path / "ckpt")
     for a, b in zip(reference.state_dict().values(), other.state_dict().values()):
         assert torch.equal(a, b)
-    wrong = GPTModel(make_args(padded_vocab_size=64, hidden_size=32))
+    wrong = GPTModel(ModelConfig.from_neox(make_args(padded_vocab_size=64, hidden_size=32)))
     with pytest.raises(ValueError, match="reference_model.safetensors does not fit"):
         load_reference_model(wrong, tmp_path / "ckpt")
 

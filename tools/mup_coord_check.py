@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron.model import GPTModel
+from megatron.model import GPTModel, ModelConfig
 from megatron.mpu import vocab_parallel_cross_entropy
 from megatron.neox_arguments import ConfigError, NeoXArgs
 from megatron.optimizers import build_optimizer
@@ -102,7 +102,7 @@ def tracked_modules(model: GPTModel) -> dict[str, torch.nn.Module]:
 
 def train_and_record(args: NeoXArgs, tokens: torch.Tensor, steps: int) -> dict[str, list[float]]:
     """Mean |x| of each tracked activation at steps 0..steps (after that many updates)."""
-    model = GPTModel(args)
+    model = GPTModel(ModelConfig.from_neox(args))
     optimizer = build_optimizer(args, model)  # muP: hidden matrices at lr / m
     scales: dict[str, list[float]] = {}
 

@@ -2,7 +2,7 @@
 
 A rule pairs one Strata parameter (a name template over layer `{i}` and `{p}` = weight/bias)
 with the Hugging Face tensors it is made of and the layout that converts between them.
-Strata's names are those of `GPTModel(args).named_parameters()` at tensor-parallel size 1.
+Strata's names are those of `GPTModel(config).named_parameters()` at tensor-parallel size 1.
 """
 
 from __future__ import annotations

@@ -47,12 +47,12 @@ def model_args(config_files: list[str | os.PathLike[str]]) -> NeoXArgs:
 
 
 def expected_shapes(args: Any) -> dict[str, torch.Size]:
-    """Canonical parameter names and shapes of GPTModel(args), built without allocating."""
-    from megatron.model import GPTModel
+    """Canonical parameter names and shapes of GPTModel(config), built without allocating."""
+    from megatron.model import GPTModel, ModelConfig
 
     try:
         with torch.device("meta"):
-            model = GPTModel(args)
+            model = GPTModel(ModelConfig.from_neox(args))
     except ValueError as err:
         raise ConversionError(f"cannot build the configured model: {err}") from None
     return {name: p.shape for name, p in model.named_parameters()}

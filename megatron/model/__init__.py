@@ -1,6 +1,7 @@
 """The transformer language model, built from layers shared with the pipeline specs."""
 
 from megatron.model.activations import ACTIVATIONS, register_activation
+from megatron.model.config import ModelConfig
 from megatron.model.embedding import EmbeddingLayer
 from megatron.model.gpt_model import FinalNorm, GPTModel, LMHead, count_parameters, lm_logits
 from megatron.model.init_methods import INIT_METHODS, build_init_method, register_init_method
@@ -15,6 +16,7 @@ __all__ = [
     "FinalNorm",
     "GPTModel",
     "LMHead",
+    "ModelConfig",
     "TransformerLayer",
     "build_init_method",
     "build_norm",

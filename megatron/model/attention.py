@@ -9,11 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from megatron.model.attention_backends import (
-    AttentionOptions,
-    build_attention_backend,
-    layer_backend_name,
-)
+from megatron.model.attention_backends import AttentionOptions, build_attention_backend
+from megatron.model.config import ModelConfig
 from megatron.model.kv_cache import KVCache
 from megatron.model.norms import build_norm
 from megatron.model.positional import build_alibi_slopes, build_query_key_positions
@@ -30,21 +27,11 @@ from megatron.mpu.mappings import (
 from megatron.mpu.random import get_rng_tracker
 
 
-class _Resized:
-    """``args`` seen with another ``hidden_size``, to build a norm of one head's width."""
-
-    def __init__(self, args: Any, hidden_size: int) -> None:
-        self._args = args
-        self.hidden_size = hidden_size
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._args, name)
-
-
-def head_counts(args: Any) -> tuple[int, int, int]:
-    """(query heads, key/value heads, head_dim), checking that they divide evenly."""
-    heads, hidden = args.num_attention_heads, args.hidden_size
-    kv_heads = args.num_kv_heads or heads
+def head_counts(config: Any) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head_dim), checking that they divide evenly (of a
+    ModelConfig, or of a NeoX config: the same keys)."""
+    heads, hidden = config.num_attention_heads, config.hidden_size
+    kv_heads = config.num_kv_heads or heads
     if hidden % heads:
         raise ValueError(
             f"hidden_size ({hidden}) must be divisible by num_attention_heads ({heads})"
@@ -88,10 +75,10 @@ def replicated_kv_row_order(kv_heads: int, group: int, head_dim: int, replicas: 
     return torch.cat(order)
 
 
-def softmax_scale(args: Any, head_dim: int) -> float:
+def softmax_scale(config: ModelConfig, head_dim: int) -> float:
     """1/sqrt(d); muP uses 1/d (divided by mup_attn_temp) so logits stay O(1) as width grows."""
-    if args.use_mup:
-        return 1.0 / (head_dim * args.mup_attn_temp)
+    if config.use_mup:
+        return 1.0 / (head_dim * config.mup_attn_temp)
     return 1.0 / math.sqrt(head_dim)
 
 
@@ -108,13 +95,13 @@ class SelfAttention(nn.Module):
 
     def __init__(
         self,
-        args: Any,
+        config: ModelConfig,
         init_method: InitMethod,
         output_init_method: InitMethod,
         layer_number: int = 0,
     ) -> None:
         super().__init__()
-        heads, kv_heads, head_dim = head_counts(args)
+        heads, kv_heads, head_dim = head_counts(config)
         tp = get_tensor_model_parallel_world_size()
         self.kv_replicas = kv_replicas(kv_heads, heads, head_dim, tp)
         self.layer_number = layer_number
@@ -122,53 +109,53 @@ class SelfAttention(nn.Module):
         self.group = heads // kv_heads  # query heads per key/value head
         self.local_kv_heads = max(kv_heads // tp, 1)
         self.local_heads = heads // tp
-        self.dropout_p = args.attention_dropout
+        self.dropout_p = config.attention_dropout
         row_order = None
         if self.kv_replicas > 1:
             row_order = replicated_kv_row_order(kv_heads, self.group, head_dim, self.kv_replicas)
         self.query_key_value = ColumnParallelLinear(
-            args.hidden_size,
+            config.hidden_size,
             (heads + 2 * kv_heads) * head_dim,
             init_method=init_method,
-            bias=args.use_bias_in_attn_linear,
+            bias=config.use_bias_in_attn_linear,
             gather_output=False,
-            params_dtype=args.params_dtype,
+            params_dtype=config.params_dtype,
             row_order=row_order,
-            sequence_parallel=sequence_parallel_is_on(args),
+            sequence_parallel=sequence_parallel_is_on(config),
         )
         self.dense = RowParallelLinear(
             heads * head_dim,
-            args.hidden_size,
+            config.hidden_size,
             init_method=output_init_method,
-            bias=args.use_bias_in_attn_linear,
+            bias=config.use_bias_in_attn_linear,
             input_is_parallel=True,
-            params_dtype=args.params_dtype,
-            sequence_parallel=sequence_parallel_is_on(args),
+            params_dtype=config.params_dtype,
+            sequence_parallel=sequence_parallel_is_on(config),
         )
         # QK norm (Dehghani et al. 2023): one norm over each head's channels, shared by heads.
         self.q_norm = self.k_norm = None
-        if args.use_qk_layernorm:
-            self.q_norm = build_norm(_Resized(args, head_dim))
-            self.k_norm = build_norm(_Resized(args, head_dim))
+        if config.use_qk_layernorm:
+            self.q_norm = build_norm(config, head_dim)
+            self.k_norm = build_norm(config, head_dim)
             if tp > 1:  # every rank holds the weights but sees only its heads: sum the grads
                 for param in [*self.q_norm.parameters(), *self.k_norm.parameters()]:
                     param.register_hook(reduce_from_tensor_model_parallel_region)
         # Rotary (the pos_emb kind's query/key hook), applied before the KV cache; or None.
-        self.qk_positional = build_query_key_positions(args, head_dim)
-        slopes = build_alibi_slopes(args)
+        self.qk_positional = build_query_key_positions(config, head_dim)
+        slopes = build_alibi_slopes(config)
         if slopes is not None:
             first = get_tensor_model_parallel_rank() * self.local_heads
             slopes = slopes[first : first + self.local_heads]
         self.core = build_attention_backend(
-            layer_backend_name(args, layer_number),
+            config.attention_backends[layer_number],
             AttentionOptions(
                 num_heads=self.local_heads,
                 num_kv_heads=self.local_kv_heads,
                 head_dim=head_dim,
-                scale=softmax_scale(args, head_dim),
-                window=args.sliding_window_width,
+                scale=softmax_scale(config, head_dim),
+                window=config.sliding_window_width,
                 alibi_slopes=slopes,
-                dropout=args.attention_dropout,
+                dropout=config.attention_dropout,
             ),
         )
 

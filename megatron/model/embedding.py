@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron.model.config import ModelConfig
 from megatron.model.init_methods import build_init_method
 from megatron.model.mup import mark_width_independent
 from megatron.model.positional import build_embedding_positions
@@ -18,21 +17,21 @@ EMBEDDING_INIT_STREAM = 0
 
 
 class EmbeddingLayer(nn.Module):
-    def __init__(self, args: Any) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.hidden_dropout = args.hidden_dropout
+        self.hidden_dropout = config.hidden_dropout
         # muP's embedding multiplier (tuned on the base model, kept as the width grows).
-        self.output_mult = args.mup_embedding_mult if args.use_mup else 1.0
-        with init_rng(args.seed, EMBEDDING_INIT_STREAM):
-            init_method = build_init_method(args, "init_method", role="input")
+        self.output_mult = config.mup_embedding_mult if config.use_mup else 1.0
+        with init_rng(config.seed, EMBEDDING_INIT_STREAM):
+            init_method = build_init_method(config, "init_method", role="input")
             self.word_embeddings = VocabParallelEmbedding(
-                args.padded_vocab_size,
-                args.hidden_size,
+                config.padded_vocab_size,
+                config.hidden_size,
                 init_method=init_method,
-                params_dtype=args.params_dtype,
+                params_dtype=config.params_dtype,
             )
             # Learned or sinusoidal positions (pos_emb registry); None for the other kinds.
-            self.position_embeddings = build_embedding_positions(args, init_method)
+            self.position_embeddings = build_embedding_positions(config, init_method)
 
         for param in self.parameters():  # input weights: muP keeps their learning rate
             mark_width_independent(param)

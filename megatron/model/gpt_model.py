@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from megatron.model.activation_checkpointing import checkpointed
 from megatron.model.attention_backends import shared_attention_masks
+from megatron.model.config import ModelConfig
 from megatron.model.embedding import EmbeddingLayer
 from megatron.model.init_methods import build_init_method
 from megatron.model.kv_cache import KVCache
@@ -36,10 +35,10 @@ def lm_logits(hidden: torch.Tensor, weight: torch.Tensor, parallel_output: bool)
 
 
 class FinalNorm(nn.Module):
-    def __init__(self, args: Any) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.norm = build_norm(args)
-        if sequence_parallel_is_on(args):  # it sees only this rank's positions
+        self.norm = build_norm(config)
+        if sequence_parallel_is_on(config):  # it sees only this rank's positions
             reduce_gradients_across_tensor_parallel(self.norm.parameters())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -56,23 +55,25 @@ class LMHead(nn.Module):
 
     def __init__(
         self,
-        args: Any,
+        config: ModelConfig,
         tied_embedding: EmbeddingLayer | None = None,
         parallel_output: bool = False,
     ) -> None:
         super().__init__()
         self.parallel_output = parallel_output
-        self.output_mult = args.mup_output_temp / width_multiplier(args) if args.use_mup else 1.0
+        self.output_mult = (
+            config.mup_output_temp / width_multiplier(config) if config.use_mup else 1.0
+        )
         # Bypass Module.__setattr__: the embedding must not become a second parent of its weight.
         object.__setattr__(self, "tied_embedding", tied_embedding)
         if tied_embedding is None:
-            with init_rng(args.seed, args.num_layers + 1):
+            with init_rng(config.seed, config.num_layers + 1):
                 self.weight = mark_width_independent(
                     partitioned_parameter(
-                        (args.padded_vocab_size, args.hidden_size),
+                        (config.padded_vocab_size, config.hidden_size),
                         0,
-                        build_init_method(args, "init_method", role="output"),
-                        args.params_dtype,
+                        build_init_method(config, "init_method", role="output"),
+                        config.params_dtype,
                     )
                 )
 
@@ -96,20 +97,18 @@ class GPTModel(nn.Module):
     the default gathers the full padded vocabulary (the two agree at TP=1).
     """
 
-    def __init__(self, args: Any, parallel_output: bool = False) -> None:
+    def __init__(self, config: ModelConfig, parallel_output: bool = False) -> None:
         super().__init__()
-        self.embedding = EmbeddingLayer(args)
-        self.layers = nn.ModuleList(TransformerLayer(args, i) for i in range(args.num_layers))
+        self.embedding = EmbeddingLayer(config)
+        self.layers = nn.ModuleList(TransformerLayer(config, i) for i in range(config.num_layers))
         # Blocks per recomputed chunk in training (0: keep every activation).
-        self.checkpoint_num_layers = (
-            args.checkpoint_num_layers if args.checkpoint_activations else 0
-        )
-        self.final_norm = FinalNorm(args)
+        self.checkpoint_num_layers = config.checkpoint_num_layers
+        self.final_norm = FinalNorm(config)
         # Between tensor-parallel regions each rank holds s / tp positions (sequence_parallel).
-        self.sequence_parallel = sequence_parallel_is_on(args)
+        self.sequence_parallel = sequence_parallel_is_on(config)
         self.lm_head = LMHead(
-            args,
-            tied_embedding=None if args.no_weight_tying else self.embedding,
+            config,
+            tied_embedding=None if config.no_weight_tying else self.embedding,
             parallel_output=parallel_output,
         )
 

@@ -13,17 +13,18 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
 
+from megatron.model.config import ModelConfig
 from megatron.model.mup import base_width, width_multiplier
 from megatron.registry import Registry
 
 InitMethod = Callable[[torch.Tensor], torch.Tensor]
-# (args, width) -> init function
-InitMethodBuilder = Callable[[Any, int], InitMethod]
+# (config, width) -> init function
+InitMethodBuilder = Callable[[ModelConfig, int], InitMethod]
 # What a weight is to muP: an input embedding, a hidden matrix or the output layer.
 Role = Literal["input", "hidden", "output"]
 
@@ -40,7 +41,8 @@ INIT_METHODS: Registry[InitMethodSpec] = Registry(
 
 
 def register_init_method(name: str, build: InitMethodBuilder, *, mup: bool = True) -> None:
-    """Make ``init_method: <name>`` use ``build(args, width)``; ``mup=False`` refuses use_mup."""
+    """Make ``init_method: <name>`` use ``build(config, width)``; ``mup=False`` refuses
+    use_mup."""
     INIT_METHODS.register(name, InitMethodSpec(build, mup))
 
 
@@ -53,29 +55,31 @@ def _normal(std: float) -> InitMethod:
     return partial(nn.init.normal_, mean=0.0, std=std)
 
 
-def _scaled_normal(args: Any, residuals_per_layer: int) -> InitMethod:
-    return _normal(args.init_method_std / math.sqrt(residuals_per_layer * args.num_layers))
+def _scaled_normal(config: ModelConfig, residuals_per_layer: int) -> InitMethod:
+    return _normal(config.init_method_std / math.sqrt(residuals_per_layer * config.num_layers))
 
 
-register_init_method("normal", lambda args, width: _normal(args.init_method_std))
+register_init_method("normal", lambda config, width: _normal(config.init_method_std))
 # GPT-2: residual outputs shrink with depth (two residual branches per layer).
-register_init_method("scaled_normal", lambda args, width: _scaled_normal(args, 2))
+register_init_method("scaled_normal", lambda config, width: _scaled_normal(config, 2))
 # Mamba-style blocks have one residual branch per layer.
-register_init_method("single_residual_scaled_normal", lambda args, width: _scaled_normal(args, 1))
+register_init_method(
+    "single_residual_scaled_normal", lambda config, width: _scaled_normal(config, 1)
+)
 # Nguyen & Salazar (2019), "Transformers without Tears".
-register_init_method("small_init", lambda args, width: _normal(math.sqrt(2.0 / (5.0 * width))))
+register_init_method("small_init", lambda config, width: _normal(math.sqrt(2.0 / (5.0 * width))))
 # GPT-J / GPT-NeoX-20B output-layer init.
 register_init_method(
-    "wang_init", lambda args, width: _normal(2.0 / args.num_layers / math.sqrt(width))
+    "wang_init", lambda config, width: _normal(2.0 / config.num_layers / math.sqrt(width))
 )
-register_init_method("xavier_uniform", lambda args, width: nn.init.xavier_uniform_, mup=False)
-register_init_method("xavier_normal", lambda args, width: nn.init.xavier_normal_, mup=False)
+register_init_method("xavier_uniform", lambda config, width: nn.init.xavier_uniform_, mup=False)
+register_init_method("xavier_normal", lambda config, width: nn.init.xavier_normal_, mup=False)
 register_init_method(
-    "orthogonal", lambda args, width: partial(nn.init.orthogonal_, gain=math.sqrt(2.0)), mup=False
+    "orthogonal", lambda config, width: partial(nn.init.orthogonal_, gain=math.sqrt(2.0)), mup=False
 )
 register_init_method(
     "scaled_orthogonal",
-    lambda args, width: partial(nn.init.orthogonal_, gain=math.sqrt(2.0 / args.num_layers)),
+    lambda config, width: partial(nn.init.orthogonal_, gain=math.sqrt(2.0 / config.num_layers)),
     mup=False,
 )
 
@@ -89,13 +93,13 @@ def _times(init: InitMethod, factor: float) -> InitMethod:
     return init_
 
 
-def build_init_method(args: Any, key: str, role: Role = "hidden") -> InitMethod:
-    """The init function named by args.<key> (``init_method`` or ``output_layer_init_method``)
+def build_init_method(config: ModelConfig, key: str, role: Role = "hidden") -> InitMethod:
+    """The init function named by config.<key> (``init_method`` or ``output_layer_init_method``)
     for a weight of the given muP ``role``."""
-    name = getattr(args, key)
+    name = getattr(config, key)
     spec = INIT_METHODS.get(name, key=key)
-    if not args.use_mup:
-        return spec.build(args, args.hidden_size)
+    if not config.use_mup:
+        return spec.build(config, config.hidden_size)
     if not spec.mup:
         raise ValueError(
             f"{key}: {name!r} cannot be used with use_mup (its scale follows the tensor's shape, "
@@ -104,10 +108,10 @@ def build_init_method(args: Any, key: str, role: Role = "hidden") -> InitMethod:
     # Hidden matrices: std / sqrt(m). The output layer, whose logits are divided by m: std x
     # sqrt(m), so the logits start at the standard parametrisation's scale (as the mup package's
     # MuReadout). Input weights: the base model's std.
-    factor = args.mup_init_scale
+    factor = config.mup_init_scale
     if role == "hidden":
-        factor /= math.sqrt(width_multiplier(args))
+        factor /= math.sqrt(width_multiplier(config))
     elif role == "output":
-        factor *= math.sqrt(width_multiplier(args))
-    init = spec.build(args, base_width(args))
+        factor *= math.sqrt(width_multiplier(config))
+    init = spec.build(config, base_width(config))
     return init if factor == 1.0 else _times(init, factor)

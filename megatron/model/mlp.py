@@ -2,49 +2,51 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from megatron.model.activations import get_activation, is_gated
+from megatron.model.config import ModelConfig
 from megatron.mpu.initialize import sequence_parallel_is_on
 from megatron.mpu.layers import ColumnParallelLinear, InitMethod, RowParallelLinear
-from megatron.neox_arguments.sizes import ffn_sizes
 
 
 class MLP(nn.Module):
     """h -> intermediate (column-parallel) -> activation -> h (row-parallel).
 
-    Widths follow NeoX's rule (``ffn_sizes``). A gated activation's first projection holds
-    ``[gate; up]`` (each ``ffn_hidden_size`` rows) and the block computes
+    ``ffn_hidden_size`` is the activation width (NeoX's rule: ``ffn_sizes``). A gated
+    activation's first projection holds ``[gate; up]`` (each ``ffn_hidden_size`` rows) and the
+    block computes
     ``dense_4h_to_h(act(gate) * up)``; under tensor parallelism each rank holds its slice of both
     halves (stride 2), so the product needs no communication.
     """
 
-    def __init__(self, args: Any, init_method: InitMethod, output_init_method: InitMethod) -> None:
+    def __init__(
+        self, config: ModelConfig, init_method: InitMethod, output_init_method: InitMethod
+    ) -> None:
         super().__init__()
-        projection, width = ffn_sizes(args)
-        self.activation = get_activation(args.activation)
-        self.gated = is_gated(args.activation)
+        width = config.ffn_hidden_size
+        self.activation = get_activation(config.activation)
+        self.gated = is_gated(config.activation)
+        projection = 2 * width if self.gated else width
         self.dense_h_to_4h = ColumnParallelLinear(
-            args.hidden_size,
+            config.hidden_size,
             projection,
             init_method=init_method,
-            bias=args.use_bias_in_mlp,
+            bias=config.use_bias_in_mlp,
             gather_output=False,
-            params_dtype=args.params_dtype,
+            params_dtype=config.params_dtype,
             stride=2 if self.gated else 1,
-            sequence_parallel=sequence_parallel_is_on(args),
+            sequence_parallel=sequence_parallel_is_on(config),
         )
         self.dense_4h_to_h = RowParallelLinear(
             width,
-            args.hidden_size,
+            config.hidden_size,
             init_method=output_init_method,
-            bias=args.use_bias_in_mlp,
+            bias=config.use_bias_in_mlp,
             input_is_parallel=True,
-            params_dtype=args.params_dtype,
-            sequence_parallel=sequence_parallel_is_on(args),
+            params_dtype=config.params_dtype,
+            sequence_parallel=sequence_parallel_is_on(config),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

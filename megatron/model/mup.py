@@ -24,20 +24,21 @@ from typing import Any
 import torch
 
 
-def width_multiplier(args: Any) -> float:
-    """m = hidden_size / mup_base_width under muP, else 1."""
-    if not args.use_mup:
+def width_multiplier(config: Any) -> float:
+    """m = hidden_size / mup_base_width under muP, else 1 (of a ModelConfig, or of a NeoX config:
+    the same keys)."""
+    if not config.use_mup:
         return 1.0
-    if not args.mup_base_width:
+    if not config.mup_base_width:
         raise ValueError(
             "use_mup needs mup_base_width: the hidden_size the hyperparameters were tuned at"
         )
-    return args.hidden_size / args.mup_base_width
+    return config.hidden_size / config.mup_base_width
 
 
-def base_width(args: Any) -> int:
+def base_width(config: Any) -> int:
     """The hidden size width-dependent init formulas use: the base width under muP."""
-    return args.mup_base_width if args.use_mup else args.hidden_size
+    return config.mup_base_width if config.use_mup else config.hidden_size
 
 
 def mark_width_independent(param: torch.nn.Parameter) -> torch.nn.Parameter:

@@ -15,15 +15,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron.model.config import ModelConfig
 from megatron.registry import Registry
 
-NormFactory = Callable[[Any], nn.Module]
+# (config, width) -> a norm over the last dimension, `width` wide.
+NormFactory = Callable[[ModelConfig, int], nn.Module]
 
 NORMS: Registry[NormFactory] = Registry("norm", register_with="megatron.model.register_norm")
 
 
 def register_norm(name: str, factory: NormFactory) -> None:
-    """Make ``norm: <name>`` build ``factory(args)``, a module over the last dimension."""
+    """Make ``norm: <name>`` build ``factory(config, width)``, a module over the last dimension
+    (``width`` wide: hidden_size, or one head's size for the QK norm)."""
     NORMS.register(name, factory)
 
 
@@ -97,39 +100,41 @@ def _transformer_engine(norm: str) -> Any:
 
 register_norm(
     "layernorm",
-    lambda args: LayerNorm(
-        args.hidden_size, args.layernorm_epsilon, args.use_bias_in_norms, args.params_dtype
+    lambda config, width: LayerNorm(
+        width, config.layernorm_epsilon, config.use_bias_in_norms, config.params_dtype
     ),
 )
 register_norm(
     "non_parametric_layernorm",
-    lambda args: NonParametricLayerNorm(args.hidden_size, args.layernorm_epsilon),
+    lambda config, width: NonParametricLayerNorm(width, config.layernorm_epsilon),
 )
 register_norm(
-    "rmsnorm", lambda args: RMSNorm(args.hidden_size, args.rms_norm_epsilon, args.params_dtype)
+    "rmsnorm",
+    lambda config, width: RMSNorm(width, config.rms_norm_epsilon, config.params_dtype),
 )
-register_norm("scalenorm", lambda args: ScaleNorm(args.scalenorm_epsilon, args.params_dtype))
+register_norm(
+    "scalenorm", lambda config, width: ScaleNorm(config.scalenorm_epsilon, config.params_dtype)
+)
 
 
-def _te_layernorm(args: Any) -> nn.Module:
+def _te_layernorm(config: ModelConfig, width: int) -> nn.Module:
     te = _transformer_engine("te_layernorm")
-    if not args.use_bias_in_norms:
+    if not config.use_bias_in_norms:
         raise ValueError(
             "norm: 'te_layernorm' always has a bias; set use_bias_in_norms true or use 'layernorm'"
         )
-    return te.LayerNorm(
-        args.hidden_size, eps=args.layernorm_epsilon, params_dtype=args.params_dtype
-    )
+    return te.LayerNorm(width, eps=config.layernorm_epsilon, params_dtype=config.params_dtype)
 
 
 register_norm("te_layernorm", _te_layernorm)
 register_norm(
     "te_rmsnorm",
-    lambda args: _transformer_engine("te_rmsnorm").RMSNorm(
-        args.hidden_size, eps=args.rms_norm_epsilon, params_dtype=args.params_dtype
+    lambda config, width: _transformer_engine("te_rmsnorm").RMSNorm(
+        width, eps=config.rms_norm_epsilon, params_dtype=config.params_dtype
     ),
 )
 
 
-def build_norm(args: Any) -> nn.Module:
-    return NORMS.get(args.norm, key="norm")(args)
+def build_norm(config: ModelConfig, width: int | None = None) -> nn.Module:
+    """The configured norm over ``width`` features (default hidden_size)."""
+    return NORMS.get(config.norm, key="norm")(config, width or config.hidden_size)

@@ -25,6 +25,7 @@ from megatron import mpu
 from megatron.data.masks import masked_mean
 from megatron.losses import LossContext, ltor
 from megatron.model.activation_checkpointing import checkpointed
+from megatron.model.config import ModelConfig
 from megatron.model.embedding import EmbeddingLayer
 from megatron.model.gpt_model import FinalNorm, LMHead
 from megatron.model.transformer import TransformerLayer
@@ -47,9 +48,9 @@ class EmbeddingStage(EmbeddingLayer):
     """The embedding; with sequence_parallel its output is this rank's positions, as in
     GPTModel."""
 
-    def __init__(self, args: Any) -> None:
-        super().__init__(args)
-        self.sequence_parallel = sequence_parallel_is_on(args)
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.sequence_parallel = sequence_parallel_is_on(config)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = super().forward(input_ids)
@@ -59,9 +60,9 @@ class EmbeddingStage(EmbeddingLayer):
 class FinalNormStage(FinalNorm):
     """The final norm; with sequence_parallel it gathers every position for the head."""
 
-    def __init__(self, args: Any) -> None:
-        super().__init__(args)
-        self.sequence_parallel = sequence_parallel_is_on(args)
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.sequence_parallel = sequence_parallel_is_on(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = super().forward(x)
@@ -73,12 +74,12 @@ class FinalNormStage(FinalNorm):
 class TiedHead:
     """The LM head over the tied embedding module (a ``TiedLayerSpec`` forward_fn)."""
 
-    def __init__(self, args: Any) -> None:
-        self.args = args
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
 
     def __call__(self, embedding: EmbeddingLayer, hidden: torch.Tensor) -> torch.Tensor:
         # A tied LMHead owns no parameter: building it per call only binds the embedding.
-        return LMHead(self.args, tied_embedding=embedding, parallel_output=True)(hidden)
+        return LMHead(self.config, tied_embedding=embedding, parallel_output=True)(hidden)
 
 
 def pipeline_loss(logits: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -87,35 +88,35 @@ def pipeline_loss(logits: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor
     return masked_mean(mpu.vocab_parallel_cross_entropy(logits, targets), loss_mask)
 
 
-def layer_specs(args: Any) -> list[LayerSpec]:
+def layer_specs(config: ModelConfig) -> list[LayerSpec]:
     """embedding, blocks 0..num_layers-1, final norm, head: the sequential model's order."""
-    tied = not args.no_weight_tying
+    tied = not config.no_weight_tying
     embedding = (
-        TiedLayerSpec(TIED_KEY, EmbeddingStage, args, tied_weight_attr="word_embeddings.weight")
+        TiedLayerSpec(TIED_KEY, EmbeddingStage, config, tied_weight_attr="word_embeddings.weight")
         if tied
-        else LayerSpec(EmbeddingStage, args)
+        else LayerSpec(EmbeddingStage, config)
     )
     head = (
         TiedLayerSpec(
             TIED_KEY,
             EmbeddingStage,
-            args,
-            forward_fn=TiedHead(args),
+            config,
+            forward_fn=TiedHead(config),
             tied_weight_attr="word_embeddings.weight",
         )
         if tied
-        else LayerSpec(LMHead, args, None, True)
+        else LayerSpec(LMHead, config, None, True)
     )
-    blocks = [LayerSpec(TransformerLayer, args, i) for i in range(args.num_layers)]
-    return [embedding, *blocks, LayerSpec(FinalNormStage, args), head]
+    blocks = [LayerSpec(TransformerLayer, config, i) for i in range(config.num_layers)]
+    return [embedding, *blocks, LayerSpec(FinalNormStage, config), head]
 
 
 class GPTPipeline(PipelineModule):
     """A PipelineModule that knows the canonical name of each of its parameters."""
 
-    def __init__(self, args: Any, **kwargs: Any) -> None:
-        super().__init__(layers=layer_specs(args), **kwargs)
-        self.num_transformer_layers = args.num_layers
+    def __init__(self, config: ModelConfig, **kwargs: Any) -> None:
+        super().__init__(layers=layer_specs(config), **kwargs)
+        self.num_transformer_layers = config.num_layers
 
     def canonical_named_parameters(
         self, replicas: bool = True
@@ -134,14 +135,13 @@ def build_pipeline_model(args: Any) -> GPTPipeline:
     tp = mpu.get_tensor_model_parallel_world_size()
     pp = mpu.get_pipe_parallel_world_size()
     dp = mpu.get_data_parallel_world_size()
+    config = ModelConfig.from_neox(args)
     model = GPTPipeline(
-        args,
+        config,
         topology=PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp),
         loss_fn=pipeline_loss,
         partition_method=args.pipe_partition_method,
-        activation_checkpoint_interval=(
-            args.checkpoint_num_layers if args.checkpoint_activations else 0
-        ),
+        activation_checkpoint_interval=config.checkpoint_num_layers,
         activation_checkpoint_func=checkpointed,
         checkpointable_layers=CHECKPOINTABLE_LAYERS,
     )

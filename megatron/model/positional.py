@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron.model.config import ModelConfig
 from megatron.mpu.layers import InitMethod, partitioned_parameter
 from megatron.registry import Registry
 
@@ -24,16 +25,16 @@ from megatron.registry import Registry
 class PosEmb:
     """The hooks of one positional-embedding kind; a hook left None is not used.
 
-    ``embedding(args, init_method)``: a module mapping position ids [b or 1, s] to [.., s, h],
-    added to the token embeddings. ``query_key(args, head_dim)``: a module with
-    ``forward(q, k, position_ids) -> (q, k)`` applied before the KV cache. ``alibi_slopes(args)``:
-    the slopes of all ``num_attention_heads`` heads (the score of key j for query i is lowered by
+    ``embedding(config, init_method)``: a module mapping position ids [b or 1, s] to
+    [.., s, h], added to the token embeddings. ``query_key(config, head_dim)``: a module with
+    ``forward(q, k, position_ids) -> (q, k)`` applied before the KV cache.
+    ``alibi_slopes(config)``: the slopes of all ``num_attention_heads`` heads (the score of key j for query i is lowered by
     slope * (i - j)).
     """
 
-    embedding: Callable[[Any, InitMethod], nn.Module] | None = None
-    query_key: Callable[[Any, int], nn.Module] | None = None
-    alibi_slopes: Callable[[Any], torch.Tensor] | None = None
+    embedding: Callable[[ModelConfig, InitMethod], nn.Module] | None = None
+    query_key: Callable[[ModelConfig, int], nn.Module] | None = None
+    alibi_slopes: Callable[[ModelConfig], torch.Tensor] | None = None
 
 
 POS_EMBS: Registry[PosEmb] = Registry(
@@ -49,8 +50,8 @@ def register_pos_emb(name: str, pos_emb: PosEmb) -> None:
     POS_EMBS.register(name, pos_emb)
 
 
-def get_pos_emb(args: Any) -> PosEmb:
-    name = args.pos_emb
+def get_pos_emb(config: ModelConfig) -> PosEmb:
+    name = config.pos_emb
     if name in UNSUPPORTED_POS_EMBS and name not in POS_EMBS:
         raise ValueError(
             f"pos_emb: {name!r} ({UNSUPPORTED_POS_EMBS[name]}) is not supported yet; expected "
@@ -59,19 +60,19 @@ def get_pos_emb(args: Any) -> PosEmb:
     return POS_EMBS.get(name, key="pos_emb")
 
 
-def build_embedding_positions(args: Any, init_method: InitMethod) -> nn.Module | None:
-    factory = get_pos_emb(args).embedding
-    return None if factory is None else factory(args, init_method)
+def build_embedding_positions(config: ModelConfig, init_method: InitMethod) -> nn.Module | None:
+    factory = get_pos_emb(config).embedding
+    return None if factory is None else factory(config, init_method)
 
 
-def build_query_key_positions(args: Any, head_dim: int) -> nn.Module | None:
-    factory = get_pos_emb(args).query_key
-    return None if factory is None else factory(args, head_dim)
+def build_query_key_positions(config: ModelConfig, head_dim: int) -> nn.Module | None:
+    factory = get_pos_emb(config).query_key
+    return None if factory is None else factory(config, head_dim)
 
 
-def build_alibi_slopes(args: Any) -> torch.Tensor | None:
-    factory = get_pos_emb(args).alibi_slopes
-    return None if factory is None else factory(args)
+def build_alibi_slopes(config: ModelConfig) -> torch.Tensor | None:
+    factory = get_pos_emb(config).alibi_slopes
+    return None if factory is None else factory(config)
 
 
 # ------------------------------------------------------------------------------------ rotary
@@ -199,12 +200,12 @@ class RotaryEmbedding(nn.Module):
         return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
 
 
-def _rotary(args: Any, head_dim: int) -> RotaryEmbedding:
+def _rotary(config: ModelConfig, head_dim: int) -> RotaryEmbedding:
     return RotaryEmbedding(
-        int(head_dim * args.rotary_pct),
-        args.rotary_emb_base,
-        args.max_position_embeddings,
-        args.rope_scaling,
+        int(head_dim * config.rotary_pct),
+        config.rotary_emb_base,
+        config.max_position_embeddings,
+        config.rope_scaling,
     )
 
 
@@ -268,17 +269,19 @@ register_pos_emb("rotary", PosEmb(query_key=_rotary))
 register_pos_emb(
     "learned",
     PosEmb(
-        embedding=lambda args, init: LearnedPositionEmbedding(
-            args.max_position_embeddings, args.hidden_size, init, args.params_dtype
+        embedding=lambda config, init: LearnedPositionEmbedding(
+            config.max_position_embeddings, config.hidden_size, init, config.params_dtype
         )
     ),
 )
 register_pos_emb(
     "sinusoidal",
     PosEmb(
-        embedding=lambda args, init: SinusoidalPositionEmbedding(
-            args.hidden_size, args.params_dtype
+        embedding=lambda config, init: SinusoidalPositionEmbedding(
+            config.hidden_size, config.params_dtype
         )
     ),
 )
-register_pos_emb("alibi", PosEmb(alibi_slopes=lambda args: alibi_slopes(args.num_attention_heads)))
+register_pos_emb(
+    "alibi", PosEmb(alibi_slopes=lambda config: alibi_slopes(config.num_attention_heads))
+)

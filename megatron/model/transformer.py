@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from megatron.model.attention import SelfAttention
+from megatron.model.config import ModelConfig
 from megatron.model.init_methods import build_init_method
 from megatron.model.kv_cache import KVCache
 from megatron.model.mlp import MLP
@@ -25,21 +24,21 @@ class TransformerLayer(nn.Module):
     and the second norm does not exist. Otherwise: h = x + attn(ln1(x)); h + mlp(ln2(h)).
     """
 
-    def __init__(self, args: Any, layer_number: int) -> None:
+    def __init__(self, config: ModelConfig, layer_number: int) -> None:
         super().__init__()
         self.layer_number = layer_number
-        self.parallel_residual = args.gpt_j_residual
-        self.hidden_dropout = args.hidden_dropout
+        self.parallel_residual = config.gpt_j_residual
+        self.hidden_dropout = config.hidden_dropout
         # Stream 0 is the embedding; block i draws its weights from stream i + 1.
-        with init_rng(args.seed, layer_number + 1):
-            init_method = build_init_method(args, "init_method")
-            output_init_method = build_init_method(args, "output_layer_init_method")
-            self.input_layernorm = build_norm(args)
-            self.attention = SelfAttention(args, init_method, output_init_method, layer_number)
-            tied = args.gpt_j_residual and args.gpt_j_tied
-            self.post_attention_layernorm = None if tied else build_norm(args)
-            self.mlp = MLP(args, init_method, output_init_method)
-        if sequence_parallel_is_on(args):  # the norms see only this rank's positions
+        with init_rng(config.seed, layer_number + 1):
+            init_method = build_init_method(config, "init_method")
+            output_init_method = build_init_method(config, "output_layer_init_method")
+            self.input_layernorm = build_norm(config)
+            self.attention = SelfAttention(config, init_method, output_init_method, layer_number)
+            tied = config.gpt_j_residual and config.gpt_j_tied
+            self.post_attention_layernorm = None if tied else build_norm(config)
+            self.mlp = MLP(config, init_method, output_init_method)
+        if sequence_parallel_is_on(config):  # the norms see only this rank's positions
             norms = (self.input_layernorm, self.post_attention_layernorm)
             reduce_gradients_across_tensor_parallel(
                 [p for norm in norms if norm is not None for p in norm.parameters()]
