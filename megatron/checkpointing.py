@@ -1,13 +1,5 @@
-"""Layout-free checkpoints: full tensors under canonical names.
-
-    {save}/global_step{N}/
-        model.safetensors      model weights in the parameters' dtype, canonical names
-        optimizer.safetensors  per parameter: "{name}.master" (fp32 master, when the model is not
-                               fp32) and "{name}.{key}" for each optimizer state (exp_avg, ...)
-        rng/rank{R}.pt         each rank's Python / NumPy / torch RNG states
-        metadata.json          iteration, data position, optimizer step, scheduler, shapes
-        configs/               the config files the run started from
-    {save}/latest              "global_step{N}": written last and atomically
+"""Layout-free checkpoints: full tensors under canonical names (the files:
+megatron/checkpoint/format.py).
 
 A weights-only checkpoint (`save_weights_checkpoint`, e.g. a converted Hugging Face model) has
 no optimizer file and no RNG states; metadata.json says "weights_only": true.
@@ -18,7 +10,6 @@ leaves a half-written `global_step{N}`; `latest` moves only after the rename.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -31,19 +22,21 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from megatron import mpu
+from megatron.checkpoint.format import (
+    EMBEDDING,
+    FORMAT_VERSION,
+    METADATA_FILE,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    CheckpointError,
+    read_metadata,
+    resolve_checkpoint,
+    tag_for,
+)
 from megatron.model.pipeline_checkpoint import pipeline_entries, to_first_rank
 from megatron.mpu.layers import merge_partitions, split_partition
 from megatron.safetensors_stream import StreamingSafetensorsWriter
 from megatron.utils import atomic_write_json, atomic_write_text
-
-FORMAT_VERSION = 1
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.safetensors"
-METADATA_FILE = "metadata.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete or does not fit the configured model."""
 
 
 def _rank() -> int:
@@ -53,10 +46,6 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def tag_for(iteration: int) -> str:
-    return f"global_step{iteration}"
 
 
 class OptimizerView:
@@ -347,6 +336,7 @@ def save_checkpoint(
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "train_state": train_state,
             "shapes": {name: list(shape) for name, shape in shapes.items()},
+            "padded_vocab_size": shapes[EMBEDDING][0],
             "dtype": str(named[0][1].dtype).replace("torch.", ""),
             "layout": _layout(args),
         }
@@ -400,6 +390,7 @@ def save_weights_checkpoint(
         "scheduler": None,
         "train_state": {},
         "shapes": {name: list(t.shape) for name, t in tensors.items()},
+        "padded_vocab_size": tensors[EMBEDDING].shape[0],
         "dtype": str(next(iter(tensors.values())).dtype).replace("torch.", ""),
         "layout": {
             "world_size": 1,
@@ -425,40 +416,6 @@ def _prune(save_dir: Path, keep_last: int | None) -> None:
         shutil.rmtree(path)
 
 
-def resolve_checkpoint(load: str) -> Path:
-    """The folder `{load}/latest` names, checked to be complete; a clear error otherwise."""
-    load_dir = Path(load)
-    if not load_dir.is_dir():
-        raise CheckpointError(f"load: checkpoint directory {load_dir} does not exist")
-    latest = load_dir / "latest"
-    if not latest.is_file():
-        raise CheckpointError(
-            f"load: {load_dir} has no 'latest' file naming a checkpoint "
-            "(expected {load}/latest holding a tag such as global_step1000)"
-        )
-    tag = latest.read_text().strip()
-    folder = load_dir / tag
-    for required in (MODEL_FILE, METADATA_FILE):
-        if not (folder / required).is_file():
-            raise CheckpointError(
-                f"load: checkpoint {folder} (named by {latest}) is incomplete: {required} is missing"
-            )
-    return folder
-
-
-def _read_metadata(folder: Path) -> dict:
-    try:
-        metadata = json.loads((folder / METADATA_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"load: cannot read {folder / METADATA_FILE}: {err}") from err
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"load: {folder / METADATA_FILE} has format_version {metadata.get('format_version')}, "
-            f"this Strata reads version {FORMAT_VERSION}"
-        )
-    return metadata
-
-
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
@@ -481,7 +438,7 @@ def _shapes_in(handle) -> dict[str, tuple[int, ...]]:
 
 
 # Tensors with a row per entry of the padded vocabulary.
-VOCAB_ROW_TENSORS = ("embedding.word_embeddings.weight", "lm_head.weight")
+VOCAB_ROW_TENSORS = (EMBEDDING, "lm_head.weight")
 
 
 def check_shapes(
@@ -525,7 +482,7 @@ def load_checkpoint(
     slices; ZeRO partitions through DeepSpeed). Returns the metadata, whose `iteration` and
     `train_state` the caller resumes from. Every file is checked before anything is set."""
     folder = resolve_checkpoint(args.load)
-    metadata = _read_metadata(folder)
+    metadata = read_metadata(folder)
     named = canonical_named_parameters(module)
     shapes = {name: full_shape(p) for name, p in named}
     # Checked against the whole model's names (a pipeline stage holds only some).

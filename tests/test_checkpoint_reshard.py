@@ -297,3 +297,60 @@ def test_vocabulary_padding_mismatch_names_the_setting(tmp_path):
             {"lm_head.weight": (512, 64), "final_norm.norm.weight": (64,)},
             tmp_path / "model.safetensors",
         )
+
+
+def gpt2_tokenizer(assets: Path) -> dict:
+    folder = assets / "tokenizers"
+    return {
+        "tokenizer_type": "GPT2BPETokenizer",
+        "vocab_file": str(folder / "gpt2-vocab.json"),
+        "merge_file": str(folder / "gpt2-merges.txt"),
+    }
+
+
+def fake_checkpoint(load: Path, metadata: dict) -> Path:
+    """A checkpoint folder as far as the config reads it: `latest`, metadata and a model file."""
+    folder = load / "global_step2"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"")
+    (folder / "metadata.json").write_text(json.dumps({"format_version": 1, **metadata}))
+    (load / "latest").write_text("global_step2")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [{"padded_vocab_size": 50432}, {"shapes": {"embedding.word_embeddings.weight": [50432, 64]}}],
+    ids=["recorded", "older-checkpoint"],
+)
+def test_the_config_adopts_the_checkpoints_padded_vocabulary(tmp_path, assets, metadata):
+    """GPT-2's 50257 tokens pad to 50304 rows at TP 1 and 50432 at TP 2: loading a TP=2
+    checkpoint on one process keeps its 50432 rows, and says so."""
+    from megatron.neox_arguments import ConfigError, NeoXArgs
+
+    folder = fake_checkpoint(tmp_path / "ckpt", metadata)
+    values = small_config(None, load=str(tmp_path / "ckpt"), **gpt2_tokenizer(assets))
+    args = NeoXArgs.from_dict(values)
+    assert args.padded_vocab_size == 50432
+    assert any("50432 rows, as in" in w and str(folder) in w for w in args.warnings)
+    assert NeoXArgs.from_dict({**values, "load": None}).padded_vocab_size == 50304
+    # A checkpoint of fewer rows than the tokenizer has tokens belongs to another vocabulary.
+    fake_checkpoint(tmp_path / "other", {"padded_vocab_size": 50000})
+    with pytest.raises(ConfigError, match=r"50000 rows, .* smaller than the tokenizer's 50257"):
+        NeoXArgs.from_dict({**values, "load": str(tmp_path / "other")})
+
+
+def test_a_tp2_gpt2_run_resumes_on_one_process_with_no_key_changed(
+    tmp_path, text_dataset, assets
+):
+    gpt2 = gpt2_tokenizer(assets)
+    common = dict(train_iters=4, eval_interval=2, checkpoint_factor=2, **gpt2)
+    _, run = train(tmp_path, "tp2", text_dataset, exit_interval=2, **common, **layout_config(2))
+    saved = json.loads((run / "ckpt" / "global_step2" / "metadata.json").read_text())
+    assert saved["padded_vocab_size"] == 50432
+    resumed, again = train(
+        tmp_path, "tp1", text_dataset, load=str(run / "ckpt"), **common, **layout_config()
+    )
+    assert min(i for i, split in resumed if split == "train") == 3
+    final = json.loads((again / "ckpt" / "global_step4" / "metadata.json").read_text())
+    assert final["padded_vocab_size"] == 50432

@@ -349,7 +349,8 @@ def _git_hash() -> str | None:
 
 
 def derive_vocab(args: Any) -> None:
-    """padded_vocab_size from the tokenizer (imported lazily: it may load large files)."""
+    """padded_vocab_size from the tokenizer (imported lazily: it may load large files); with
+    `load`, the size the checkpoint's model has, whenever this layout can split it."""
     from megatron.tokenizer import build_tokenizer, pad_vocab_size
 
     where = args.where("tokenizer_type")
@@ -359,9 +360,42 @@ def derive_vocab(args: Any) -> None:
         raise ConfigError(
             f"tokenizer_type {args.tokenizer_type!r}{where}: cannot build the tokenizer: {exc}"
         ) from None
-    args.padded_vocab_size = pad_vocab_size(
-        tokenizer.vocab_size, args.make_vocab_size_divisible_by, max(args.model_parallel_size, 1)
+    tp = max(args.model_parallel_size, 1)
+    padded = pad_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by, tp)
+    folder, recorded = _checkpoint_vocab(args.load)
+    if recorded is not None and recorded != padded:
+        # The padding belongs to the model, not to the layout it was trained in.
+        if recorded < tokenizer.vocab_size or recorded % tp:
+            raise ConfigError(
+                f"load: {folder} has a padded vocabulary of {recorded} rows, which "
+                f"model_parallel_size {tp} cannot split evenly or which is smaller than the "
+                f"tokenizer's {tokenizer.vocab_size} tokens"
+            )
+        args.warnings.append(
+            f"padded_vocab_size: {recorded} rows, as in {folder} (this tokenizer and "
+            f"make_vocab_size_divisible_by pad to {padded} at model_parallel_size {tp})"
+        )
+        padded = recorded
+    args.padded_vocab_size = padded
+
+
+def _checkpoint_vocab(load: str | None) -> tuple[Any, int | None]:
+    """(folder, padded vocabulary) of the checkpoint `load` names; (None, None) when there is
+    none to read (the run reports a bad `load` itself)."""
+    from megatron.checkpoint import (
+        CheckpointError,
+        padded_vocab_size,
+        read_metadata,
+        resolve_checkpoint,
     )
+
+    if not load:
+        return None, None
+    try:
+        folder = resolve_checkpoint(load)
+        return folder, padded_vocab_size(read_metadata(folder))
+    except CheckpointError:
+        return None, None
 
 
 def derive_sizes(args: Any) -> None:

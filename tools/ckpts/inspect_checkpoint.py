@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from megatron.checkpointing import (
+from megatron.checkpoint import (
     METADATA_FILE,
     MODEL_FILE,
     OPTIMIZER_FILE,
     CheckpointError,
-    _read_metadata,
+    read_metadata,
     resolve_checkpoint,
 )
 
@@ -51,7 +51,7 @@ def _files(folder: Path) -> list[Path]:
 
 
 def describe(folder: Path, tensors: bool) -> list[str]:
-    metadata = _read_metadata(folder)
+    metadata = read_metadata(folder)
     layout = metadata.get("layout", {})
     lines = [
         f"checkpoint {folder}",
