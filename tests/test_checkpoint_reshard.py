@@ -340,9 +340,7 @@ def test_the_config_adopts_the_checkpoints_padded_vocabulary(tmp_path, assets, m
         NeoXArgs.from_dict({**values, "load": str(tmp_path / "other")})
 
 
-def test_a_tp2_gpt2_run_resumes_on_one_process_with_no_key_changed(
-    tmp_path, text_dataset, assets
-):
+def test_a_tp2_gpt2_run_resumes_on_one_process_with_no_key_changed(tmp_path, text_dataset, assets):
     gpt2 = gpt2_tokenizer(assets)
     common = dict(train_iters=4, eval_interval=2, checkpoint_factor=2, **gpt2)
     _, run = train(tmp_path, "tp2", text_dataset, exit_interval=2, **common, **layout_config(2))
