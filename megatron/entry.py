@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+import torch.distributed as dist
+
 from megatron.checkpointing import CheckpointError
 from megatron.data.indexed_dataset import DatasetError
 from megatron.neox_arguments import ConfigError, NeoXArgs
@@ -20,4 +22,8 @@ def run_entry_point(main: Callable, argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
+    # Left to interpreter shutdown, the process group's threads can be torn down in an order
+    # that aborts the process after its work is done.
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 0

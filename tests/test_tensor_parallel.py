@@ -235,3 +235,40 @@ def test_bad_layout_stops_the_launcher_before_training(tmp_path: Path, dataset: 
         result.stderr + result.stdout
     )
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "shape,dim,stride,order",
+    [
+        ((24, 6), 0, 1, None),  # column-parallel rows
+        ((24, 6), 0, 2, None),  # a gated MLP's [gate; up]
+        ((6, 24), 1, 1, None),  # row-parallel columns
+        ((24, 6), 0, 1, torch.randperm(24, generator=torch.Generator().manual_seed(0))),
+    ],
+    ids=["rows", "stride2", "columns", "ordered"],
+)
+def test_each_rank_initialises_its_own_slice_of_the_same_weight(
+    monkeypatch, shape, dim, stride, order
+) -> None:
+    """Shard-local initialisation: the slices 4 ranks draw alone merge to the weight one process
+    draws, and each takes one draw from the layer's generator, so later weights agree too."""
+    from megatron.mpu import layers
+    from megatron.mpu.random import init_rng
+
+    init = layers.ElementwiseInit(lambda t: torch.nn.init.normal_(t, std=0.02))
+
+    def build(world: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        monkeypatch.setattr(layers, "get_tensor_model_parallel_world_size", lambda: world)
+        monkeypatch.setattr(layers, "get_tensor_model_parallel_rank", lambda: rank)
+        with init_rng(1234, 3):
+            weight = layers.partitioned_parameter(shape, dim, init, torch.float32, stride, order)
+            after = torch.rand(3)  # what the next weight of the layer would draw from
+        return weight.detach(), after
+
+    one, after = build(1, 0)
+    whole = layers.merge_partitions([one], dim, stride, order)  # canonical order
+    slices = [build(4, rank) for rank in range(4)]
+    merged = layers.merge_partitions([s for s, _ in slices], dim, stride, order)
+    assert torch.equal(merged, whole)
+    assert all(torch.equal(a, after) for _, a in slices)
+    assert whole.std().item() == pytest.approx(0.02, rel=0.3)

@@ -20,6 +20,7 @@ from torch import nn
 
 from megatron.model.config import ModelConfig
 from megatron.model.mup import base_width, width_multiplier
+from megatron.mpu.layers import ElementwiseInit
 from megatron.registry import Registry
 
 InitMethod = Callable[[torch.Tensor], torch.Tensor]
@@ -32,7 +33,9 @@ Role = Literal["input", "hidden", "output"]
 @dataclass(frozen=True)
 class InitMethodSpec:
     build: InitMethodBuilder
-    mup: bool  # the scale is a formula muP may evaluate at the base width
+    # The scale is a formula muP may evaluate at the base width, and every element is drawn
+    # independently (so each tensor-parallel rank draws only its own rows).
+    mup: bool
 
 
 INIT_METHODS: Registry[InitMethodSpec] = Registry(
@@ -99,7 +102,8 @@ def build_init_method(config: ModelConfig, key: str, role: Role = "hidden") -> I
     name = getattr(config, key)
     spec = INIT_METHODS.get(name, key=key)
     if not config.use_mup:
-        return spec.build(config, config.hidden_size)
+        init = spec.build(config, config.hidden_size)
+        return ElementwiseInit(init) if spec.mup else init
     if not spec.mup:
         raise ValueError(
             f"{key}: {name!r} cannot be used with use_mup (its scale follows the tensor's shape, "
@@ -114,4 +118,4 @@ def build_init_method(config: ModelConfig, key: str, role: Role = "hidden") -> I
     elif role == "output":
         factor *= math.sqrt(width_multiplier(config))
     init = spec.build(config, base_width(config))
-    return init if factor == 1.0 else _times(init, factor)
+    return ElementwiseInit(init if factor == 1.0 else _times(init, factor))

@@ -1,8 +1,11 @@
 """Megatron-style tensor-parallel layers.
 
-Every rank initialises the FULL weight with the init method (in fp32, on the CPU, from the
-same generator state) and keeps its own slice, so the values of a weight never depend on the
-tensor-parallel layout. Split parameters carry a ``partition_dim`` attribute (the dimension
+A weight's values never depend on the tensor-parallel layout, and each rank computes only its
+own slice: a weight takes one seed from the layer's generator, and an ``ElementwiseInit`` draws
+each row (or column) along the split dimension from a generator seeded by (that seed, its
+index), so a rank draws exactly its rows, whoever holds the others. Init methods whose values
+depend on the whole tensor (orthogonal, xavier's fans) initialise the full tensor from the seed
+and keep the slice. Split parameters carry a ``partition_dim`` attribute (the dimension
 cut across tensor-parallel ranks) and a ``partition_stride`` (how many blocks along that dimension
 are split separately, Megatron-style: a gated MLP's ``[gate; up]`` rows have stride 2, so each
 rank holds ``[gate_r; up_r]``); the checkpoint code gathers them with ``merge_partitions``.
@@ -13,6 +16,7 @@ cut: attention with fewer key/value heads than ranks gives each rank part of a s
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +38,27 @@ from megatron.mpu.mappings import (
 
 InitMethod = Callable[[torch.Tensor], torch.Tensor]
 
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class ElementwiseInit:
+    """An init method that draws every element independently from one distribution (normal,
+    zeros): any row of a tensor can be drawn without the rest."""
+
+    fn: InitMethod
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.fn(tensor)
+
+
+def _mix(seed: int, index: int) -> int:
+    """A well-spread 63-bit seed for row ``index`` of the weight seeded ``seed`` (splitmix64)."""
+    z = (seed + (index + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
 
 def divide(numerator: int, denominator: int, what: str) -> int:
     if numerator % denominator != 0:
@@ -41,6 +66,15 @@ def divide(numerator: int, denominator: int, what: str) -> int:
             f"{what} ({numerator}) must be divisible by the tensor-parallel size ({denominator})"
         )
     return numerator // denominator
+
+
+def check_divisible(shape: tuple[int, ...], dim: int, world: int, stride: int = 1) -> None:
+    if shape[dim] % (world * stride):
+        blocks = f" x {stride} blocks" if stride > 1 else ""
+        raise ValueError(
+            f"dimension {dim} of a {shape} weight ({shape[dim]}) must be divisible by the "
+            f"tensor-parallel size ({world}){blocks}"
+        )
 
 
 def split_partition(
@@ -56,13 +90,7 @@ def split_partition(
     its chunk of every block, in order."""
     if order is not None:
         full = full.index_select(dim, order)
-    size = full.size(dim)
-    if size % (world * stride):
-        blocks = f" x {stride} blocks" if stride > 1 else ""
-        raise ValueError(
-            f"dimension {dim} of a {tuple(full.shape)} weight ({size}) must be divisible by the "
-            f"tensor-parallel size ({world}){blocks}"
-        )
+    check_divisible(tuple(full.shape), dim, world, stride)
     chunks = full.chunk(world * stride, dim=dim)
     return torch.cat(chunks[rank::world], dim=dim)
 
@@ -86,20 +114,36 @@ def partitioned_parameter(
     stride: int = 1,
     order: torch.Tensor | None = None,
 ) -> nn.Parameter:
-    """This rank's slice (on ``partition_dim``; None: all) of a fully initialised tensor."""
-    full = torch.empty(full_shape, dtype=torch.float32, device="cpu")
-    init_method(full)
-    if partition_dim is None:
-        return nn.Parameter(full.to(params_dtype))
-    part = split_partition(
-        full,
-        partition_dim,
-        get_tensor_model_parallel_world_size(),
-        get_tensor_model_parallel_rank(),
-        stride,
-        order,
-    )
-    param = nn.Parameter(torch.empty(part.shape, dtype=params_dtype).copy_(part))
+    """This rank's slice (on ``partition_dim``; None: all) of the tensor ``init_method``
+    initialises, computed in fp32 on the CPU. Takes one draw from torch's CPU generator (the
+    layer's ``init_rng`` stream) and leaves the rest of its state as it was."""
+    seed = int(torch.randint(0, 2**63 - 1, ()).item())
+    with torch.random.fork_rng(devices=[]):
+        if partition_dim is None:
+            torch.default_generator.manual_seed(seed)
+            full = torch.empty(full_shape, dtype=torch.float32)
+            init_method(full)
+            return nn.Parameter(full.to(params_dtype))
+        world, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
+        if isinstance(init_method, ElementwiseInit):
+            check_divisible(full_shape, partition_dim, world, stride)
+            # The indices along partition_dim this rank holds, in its order.
+            rows = split_partition(
+                torch.arange(full_shape[partition_dim]), 0, world, rank, stride, order
+            )
+            # Filled with partition_dim first, so each row is drawn into contiguous memory.
+            rest = [n for d, n in enumerate(full_shape) if d != partition_dim]
+            part = torch.empty([len(rows), *rest], dtype=torch.float32)
+            for i, row in enumerate(rows.tolist()):
+                torch.default_generator.manual_seed(_mix(seed, row))
+                init_method(part[i])
+            part = part.movedim(0, partition_dim).contiguous()
+        else:
+            torch.default_generator.manual_seed(seed)
+            full = torch.empty(full_shape, dtype=torch.float32)
+            init_method(full)
+            part = split_partition(full, partition_dim, world, rank, stride, order)
+    param = nn.Parameter(part.to(params_dtype))
     param.partition_dim = partition_dim
     param.partition_stride = stride
     if order is not None:
