@@ -426,7 +426,15 @@ def test_ctrl_c_leaves_no_output(tmp_path: Path) -> None:
     argv = [sys.executable, "tools/datasets/preprocess_data.py", "--input", str(fifo)]
     argv += ["--output-prefix", str(out / "ds"), "--tokenizer-type", "bytes", "--workers", "2"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # As from a terminal: a shell's background job (nohup ... &) would start it ignoring SIGINT.
+    proc = subprocess.Popen(
+        argv,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         with open(fifo, "wb") as writer:  # returns once the tool has opened its input
             writer.write(GOOD * 500)

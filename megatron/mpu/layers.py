@@ -115,35 +115,21 @@ def partitioned_parameter(
     order: torch.Tensor | None = None,
 ) -> nn.Parameter:
     """This rank's slice (on ``partition_dim``; None: all) of the tensor ``init_method``
-    initialises, computed in fp32 on the CPU. Takes one draw from torch's CPU generator (the
-    layer's ``init_rng`` stream) and leaves the rest of its state as it was."""
-    seed = int(torch.randint(0, 2**63 - 1, ()).item())
-    with torch.random.fork_rng(devices=[]):
-        if partition_dim is None:
-            torch.default_generator.manual_seed(seed)
-            full = torch.empty(full_shape, dtype=torch.float32)
-            init_method(full)
-            return nn.Parameter(full.to(params_dtype))
-        world, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
-        if isinstance(init_method, ElementwiseInit):
+    initialises, computed in fp32 on the CPU (on the meta device: its shape only). Takes one
+    draw from torch's CPU generator (the layer's ``init_rng`` stream) and leaves the rest of its
+    state as it was."""
+    world, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
+    if torch.get_default_device().type == "meta":
+        shape = list(full_shape)
+        if partition_dim is not None:
             check_divisible(full_shape, partition_dim, world, stride)
-            # The indices along partition_dim this rank holds, in its order.
-            rows = split_partition(
-                torch.arange(full_shape[partition_dim]), 0, world, rank, stride, order
-            )
-            # Filled with partition_dim first, so each row is drawn into contiguous memory.
-            rest = [n for d, n in enumerate(full_shape) if d != partition_dim]
-            part = torch.empty([len(rows), *rest], dtype=torch.float32)
-            for i, row in enumerate(rows.tolist()):
-                torch.default_generator.manual_seed(_mix(seed, row))
-                init_method(part[i])
-            part = part.movedim(0, partition_dim).contiguous()
-        else:
-            torch.default_generator.manual_seed(seed)
-            full = torch.empty(full_shape, dtype=torch.float32)
-            init_method(full)
-            part = split_partition(full, partition_dim, world, rank, stride, order)
+            shape[partition_dim] //= world
+        part = torch.empty(shape)
+    else:
+        part = _initialise(full_shape, partition_dim, init_method, world, rank, stride, order)
     param = nn.Parameter(part.to(params_dtype))
+    if partition_dim is None:
+        return param
     param.partition_dim = partition_dim
     param.partition_stride = stride
     if order is not None:
@@ -152,6 +138,34 @@ def partitioned_parameter(
     # replicated ones on the first only (deepspeed.runtime.utils.is_model_parallel_parameter).
     param.tensor_model_parallel = True
     return param
+
+
+def _initialise(
+    full_shape: tuple[int, ...],
+    dim: int | None,
+    init_method: InitMethod,
+    world: int,
+    rank: int,
+    stride: int,
+    order: torch.Tensor | None,
+) -> torch.Tensor:
+    seed = int(torch.randint(0, 2**63 - 1, ()).item())
+    with torch.random.fork_rng(devices=[]):
+        if dim is None or not isinstance(init_method, ElementwiseInit):
+            torch.default_generator.manual_seed(seed)
+            full = torch.empty(full_shape, dtype=torch.float32)
+            init_method(full)
+            return full if dim is None else split_partition(full, dim, world, rank, stride, order)
+        check_divisible(full_shape, dim, world, stride)
+        # The indices along `dim` this rank holds, in its order.
+        rows = split_partition(torch.arange(full_shape[dim]), 0, world, rank, stride, order)
+        # Filled with `dim` first, so each row is drawn into contiguous memory.
+        rest = [n for d, n in enumerate(full_shape) if d != dim]
+        part = torch.empty([len(rows), *rest], dtype=torch.float32)
+        for i, row in enumerate(rows.tolist()):
+            torch.default_generator.manual_seed(_mix(seed, row))
+            init_method(part[i])
+        return part.movedim(0, dim).contiguous()
 
 
 def _zero_bias(
