@@ -7,6 +7,8 @@ each rank holds s / tp positions (Korthikanti et al. 2022).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 
@@ -88,114 +90,71 @@ def _reduce_scatter_sequence(x: torch.Tensor) -> torch.Tensor:
     return _reduce_scatter_along(x, SEQUENCE_DIM, get_tensor_model_parallel_group())
 
 
-class _CopyToRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return _all_reduce(grad)
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
-class _ReduceFromRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return _all_reduce(x)
+def _edge(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    backward: Callable[[torch.Tensor], torch.Tensor],
+    doc: str,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A tensor-parallel region's edge: ``forward`` on the activation, ``backward`` on its
+    gradient; the identity when the tensor-parallel group has one rank."""
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad
+    class Edge(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+            return forward(x)
 
+        @staticmethod
+        def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+            return backward(grad)
 
-class _ScatterToRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return _split_last_dim(x)
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        return x if get_tensor_model_parallel_world_size() == 1 else Edge.apply(x)
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return _gather_last_dim(grad)
-
-
-class _GatherFromRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return _gather_last_dim(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return _split_last_dim(grad)
+    apply.__doc__ = doc
+    return apply
 
 
-def copy_to_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
-    """Identity forward; all-reduce of the gradient backward (input of a column-parallel op)."""
-    if get_tensor_model_parallel_world_size() == 1:
-        return x
-    return _CopyToRegion.apply(x)
-
-
-def reduce_from_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
-    """All-reduce forward; identity backward (output of a row-parallel op)."""
-    if get_tensor_model_parallel_world_size() == 1:
-        return x
-    return _ReduceFromRegion.apply(x)
-
-
-def scatter_to_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
-    """Keep this rank's chunk of the last dimension; gather the gradient backward."""
-    if get_tensor_model_parallel_world_size() == 1:
-        return x
-    return _ScatterToRegion.apply(x)
-
-
-def gather_from_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's chunk along the last dimension; split the gradient backward."""
-    if get_tensor_model_parallel_world_size() == 1:
-        return x
-    return _GatherFromRegion.apply(x)
-
-
-class _ScatterToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return _split_sequence(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return _gather_sequence(grad)
-
-
-class _GatherFromSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, grad_is_partial: bool) -> torch.Tensor:
-        ctx.grad_is_partial = grad_is_partial
-        return _gather_sequence(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        # A partial gradient (each rank's consumer used its own weight shard) is summed over
-        # the ranks; either way this rank keeps its positions.
-        if ctx.grad_is_partial:
-            return _reduce_scatter_sequence(grad), None
-        return _split_sequence(grad), None
-
-
-class _ReduceScatterToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return _reduce_scatter_sequence(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return _gather_sequence(grad)
-
-
-def scatter_to_sequence_parallel_region(x: torch.Tensor) -> torch.Tensor:
-    """Keep this rank's positions of a replicated [b, s, h]; gather the gradient backward."""
-    if get_tensor_model_parallel_world_size() == 1:
-        return x
-    return _ScatterToSequence.apply(x)
+copy_to_tensor_model_parallel_region = _edge(
+    _identity,
+    _all_reduce,
+    "Identity forward; all-reduce of the gradient backward (input of a column-parallel op).",
+)
+reduce_from_tensor_model_parallel_region = _edge(
+    _all_reduce, _identity, "All-reduce forward; identity backward (output of a row-parallel op)."
+)
+scatter_to_tensor_model_parallel_region = _edge(
+    _split_last_dim,
+    _gather_last_dim,
+    "Keep this rank's chunk of the last dimension; gather the gradient backward.",
+)
+gather_from_tensor_model_parallel_region = _edge(
+    _gather_last_dim,
+    _split_last_dim,
+    "Concatenate every rank's chunk along the last dimension; split the gradient backward.",
+)
+scatter_to_sequence_parallel_region = _edge(
+    _split_sequence,
+    _gather_sequence,
+    "Keep this rank's positions of a replicated [b, s, h]; gather the gradient backward.",
+)
+reduce_scatter_to_sequence_parallel_region = _edge(
+    _reduce_scatter_sequence,
+    _gather_sequence,
+    "Sum partial outputs and keep this rank's positions (output of a row-parallel op); "
+    "all-gather the gradient backward.",
+)
+# All-gather the sequence. The gradient of a column-parallel op's input is partial on each rank
+# (each used its own weight shard): it is summed over the ranks, each keeping its positions.
+_gather_sequence_reduce_scatter_grad = _edge(
+    _gather_sequence, _reduce_scatter_sequence, "All-gather forward; reduce-scatter backward."
+)
+_gather_sequence_split_grad = _edge(
+    _gather_sequence, _split_sequence, "All-gather forward; split backward."
+)
 
 
 def gather_from_sequence_parallel_region(
@@ -204,17 +163,9 @@ def gather_from_sequence_parallel_region(
     """All-gather the sequence; backward, reduce-scatter the gradient (the input of a
     column-parallel op, whose gradient is partial on each rank), or only split it when
     ``grad_is_partial`` is False (the consumer already sums it over the ranks)."""
-    if get_tensor_model_parallel_world_size() == 1:
-        return x
-    return _GatherFromSequence.apply(x, grad_is_partial)
-
-
-def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor) -> torch.Tensor:
-    """Sum partial outputs and keep this rank's positions (output of a row-parallel op);
-    all-gather the gradient backward."""
-    if get_tensor_model_parallel_world_size() == 1:
-        return x
-    return _ReduceScatterToSequence.apply(x)
+    if grad_is_partial:
+        return _gather_sequence_reduce_scatter_grad(x)
+    return _gather_sequence_split_grad(x)
 
 
 class _GatherFromSubgroup(torch.autograd.Function):
