@@ -3,12 +3,12 @@ into one clear message and a non-zero exit instead of a traceback."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 
 import torch.distributed as dist
 
-from megatron.checkpointing import CheckpointError
+from megatron.checkpoint import CheckpointError
+from megatron.cli import exit_status
 from megatron.data.indexed_dataset import DatasetError
 from megatron.neox_arguments import ConfigError, NeoXArgs
 
@@ -16,14 +16,11 @@ USER_ERRORS = (ConfigError, CheckpointError, DatasetError, FileNotFoundError)
 
 
 def run_entry_point(main: Callable, argv: list[str] | None = None) -> int:
-    try:
-        args = NeoXArgs.consume_neox_args(argv)
-        main(args)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 1
-    # Left to interpreter shutdown, the process group's threads can be torn down in an order
-    # that aborts the process after its work is done.
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
+    def work() -> None:
+        main(NeoXArgs.consume_neox_args(argv))
+        # Left to interpreter shutdown, the process group's threads can be torn down in an
+        # order that aborts the process after its work is done.
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    return exit_status(work, USER_ERRORS)

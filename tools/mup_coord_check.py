@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from megatron.cli import exit_status
 from megatron.model import GPTModel, ModelConfig
 from megatron.mpu import vocab_parallel_cross_entropy
 from megatron.neox_arguments import ConfigError, NeoXArgs
@@ -205,30 +206,30 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     out = Path(opts.output_dir)
-    try:
+
+    def work() -> int | None:
         out.mkdir(parents=True, exist_ok=True)
         report = run(opts)
         atomic_write_json(out / "coord_check.json", report)
         plot(report, out / "coord_check.png")
-    except (ConfigError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    for param in PARAMETRISATIONS:
-        slopes = ", ".join(f"{k} {v:+.2f}" for k, v in report["slopes"][param].items())
-        print(f"{param}: slope of log mean|x| vs log width: {slopes}")
-    mup, sp = report["mup_max_abs_slope"], report["sp_max_slope"]
-    if report["passed"]:
-        print(
-            f"PASS: muP activations are flat in width (max |slope| {mup:.2f} <= {opts.flat_tol}); "
-            f"SP's grow (max slope {sp:.2f} >= {opts.grow_min})"
-        )
-    else:
-        print(
-            f"FAIL: muP max |slope| {mup:.2f} (want <= {opts.flat_tol}), SP max slope {sp:.2f} "
-            f"(want >= {opts.grow_min})"
-        )
-    print(f"wrote {out / 'coord_check.json'} and {out / 'coord_check.png'}")
-    return 0 if report["passed"] else 1
+        for param in PARAMETRISATIONS:
+            slopes = ", ".join(f"{k} {v:+.2f}" for k, v in report["slopes"][param].items())
+            print(f"{param}: slope of log mean|x| vs log width: {slopes}")
+        mup, sp = report["mup_max_abs_slope"], report["sp_max_slope"]
+        if report["passed"]:
+            print(
+                f"PASS: muP activations are flat in width (max |slope| {mup:.2f} <= {opts.flat_tol}); "
+                f"SP's grow (max slope {sp:.2f} >= {opts.grow_min})"
+            )
+        else:
+            print(
+                f"FAIL: muP max |slope| {mup:.2f} (want <= {opts.flat_tol}), SP max slope {sp:.2f} "
+                f"(want >= {opts.grow_min})"
+            )
+        print(f"wrote {out / 'coord_check.json'} and {out / 'coord_check.png'}")
+        return 0 if report["passed"] else 1
+
+    return exit_status(work, (ConfigError, ValueError, OSError))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import uuid
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from megatron.cli import exit_status
 from tools.datasets.readers import iter_texts, resolve_inputs
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|padding|>"]
@@ -73,7 +74,8 @@ def save(tokenizer: Tokenizer, output: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def work() -> int | None:
         tokenizer = train(
             resolve_inputs([args.input], args.jsonl_keys),
             args.jsonl_keys,
@@ -81,11 +83,10 @@ def main(argv: list[str] | None = None) -> int:
             args.min_frequency,
         )
         save(tokenizer, args.output)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.output}: vocab size {tokenizer.get_vocab_size()}")
-    return 0
+        print(f"wrote {args.output}: vocab size {tokenizer.get_vocab_size()}")
+        return 0
+
+    return exit_status(work, (ValueError, OSError))
 
 
 if __name__ == "__main__":

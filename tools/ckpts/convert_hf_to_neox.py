@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from megatron.checkpointing import save_weights_checkpoint
+from megatron.cli import exit_status
 from megatron.conversion import ConversionError
 from megatron.conversion.hf_io import read_hf_config, read_hf_tensors
 from megatron.conversion.strata_io import dims_for, expected_shapes, model_args
@@ -141,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         help="pad the vocabulary to a multiple of this (default: keep the model's rows exactly)",
     )
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> int | None:
         out = convert_hf_to_neox(
             args.input,
             args.output,
@@ -149,11 +151,10 @@ def main(argv: list[str] | None = None) -> int:
             args.tokenizer,
             args.make_vocab_size_divisible_by,
         )
-    except ConversionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"wrote {out} (config: {out / CONFIG_NAME})")
-    return 0
+        print(f"wrote {out} (config: {out / CONFIG_NAME})")
+        return 0
+
+    return exit_status(work, (ConversionError,))
 
 
 if __name__ == "__main__":

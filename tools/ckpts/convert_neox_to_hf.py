@@ -20,6 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from megatron.cli import exit_status
 from megatron.conversion import ARCHITECTURES, ConversionError, auto_architecture
 from megatron.conversion.hf_io import (
     DTYPES,
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         "--max-shard-gb", type=float, default=DEFAULT_SHARD_GB, help="largest weights file"
     )
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> int | None:
         out, note = convert_neox_to_hf(
             args.input,
             args.config,
@@ -126,12 +128,11 @@ def main(argv: list[str] | None = None) -> int:
             args.vocab_size,
             args.max_shard_gb,
         )
-    except ConversionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(note)
-    print(f"wrote {out}")
-    return 0
+        print(note)
+        print(f"wrote {out}")
+        return 0
+
+    return exit_status(work, (ConversionError,))
 
 
 if __name__ == "__main__":

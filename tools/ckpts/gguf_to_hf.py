@@ -16,6 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from megatron.cli import exit_status
+
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -65,13 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="the HF directory to create")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> int | None:
         out = gguf_to_hf(args.input, args.output, args.dtype)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}")
-    return 0
+        print(f"wrote {out}")
+        return 0
+
+    return exit_status(work, (FileNotFoundError, FileExistsError, ValueError))
 
 
 if __name__ == "__main__":

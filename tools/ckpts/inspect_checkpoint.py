@@ -27,6 +27,7 @@ from megatron.checkpoint import (
     read_metadata,
     resolve_checkpoint,
 )
+from megatron.cli import exit_status
 
 TENSOR_FILES = (MODEL_FILE, OPTIMIZER_FILE)
 
@@ -122,18 +123,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tensors", action="store_true", help="list every tensor with its norm")
     parser.add_argument("--diff", metavar="OTHER", help="compare with another checkpoint")
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> int | None:
         folder = checkpoint_folder(args.checkpoint)
         lines = describe(folder, args.tensors)
         if args.diff:
             diff_lines, same = diff(folder, checkpoint_folder(args.diff))
             lines += diff_lines
             lines.append("tensors are identical" if same else "tensors differ")
-    except CheckpointError as err:
-        print(f"error: {str(err).removeprefix('load: ')}", file=sys.stderr)
-        return 1
-    print("\n".join(lines))
-    return 0
+        print("\n".join(lines))
+        return 0
+
+    return exit_status(
+        work, (CheckpointError,), describe=lambda err: str(err).removeprefix("load: ")
+    )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import sys
 
 import numpy as np
 
+from megatron.cli import exit_status
 from megatron.data.indexed_dataset import DatasetError, MMapIndexedDataset, check_doc_idx
 from megatron.tokenizer import Tokenizer, build_tokenizer
 
@@ -138,7 +139,8 @@ def render(tokens: np.ndarray, tokenizer: Tokenizer | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def work() -> int | None:
         tokenizer = None
         if args.tokenizer_type:
             tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file)
@@ -157,10 +159,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{len(tokens)} tokens ---"
             )
             print(render(tokens, tokenizer))
-    except (DatasetError, IndexError, OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+        return 0
+
+    return exit_status(work, (DatasetError, IndexError, OSError, ValueError))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from megatron.cli import exit_status
 from megatron.data.indexed_dataset import (
     DatasetError,
     MMapIndexedDataset,
@@ -82,18 +83,18 @@ def merge(prefixes: list[str], output_prefix: str) -> MMapIndexedDataset:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def work() -> int | None:
         prefixes = expand_inputs(args.input)
         merged = merge(prefixes, args.output_prefix)
-    except (DatasetError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    documents = len(merged.doc_idx) - 1
-    print(
-        f"merged {len(prefixes)} datasets into {args.output_prefix}: {documents} documents, "
-        f"{len(merged)} sequences, {int(merged.sizes.sum(dtype='int64'))} tokens ({merged.dtype})"
-    )
-    return 0
+        documents = len(merged.doc_idx) - 1
+        print(
+            f"merged {len(prefixes)} datasets into {args.output_prefix}: {documents} documents, "
+            f"{len(merged)} sequences, {int(merged.sizes.sum(dtype='int64'))} tokens ({merged.dtype})"
+        )
+        return 0
+
+    return exit_status(work, (DatasetError, OSError))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from megatron.cli import exit_status
 from megatron.data.indexed_dataset import (
     MMapIndexedDatasetBuilder,
     best_dtype,
@@ -475,16 +476,13 @@ def summary(args: argparse.Namespace, stats: Stats) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(None if argv is None else list(argv))
-    try:
+
+    def work() -> int | None:
         stats = preprocess(args)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; no output was written", file=sys.stderr)
-        return 130
-    print(summary(args, stats))
-    return 0
+        print(summary(args, stats))
+        return 0
+
+    return exit_status(work, (ValueError, OSError))
 
 
 if __name__ == "__main__":
