@@ -123,6 +123,23 @@ def tokenizer_settings(tokenizer: str) -> dict[str, Any]:
     }
 
 
+# What a timing run sets whatever the model: no dropout, a constant LR from the first step, one
+# micro-batch per step, no evaluation, batches read in this process (loader workers would
+# compete with the training threads for the same cores), one device.
+TIMING_RUN = {
+    "hidden_dropout": 0.0,
+    "attention_dropout": 0.0,
+    "lr_decay_style": "constant",
+    "warmup": 0.0,
+    "gradient_accumulation_steps": 1,
+    "eval_iters": 0,
+    "split": "100,0,0",
+    "num_workers": 0,
+    "num_gpus": 1,
+    "seed": 1234,
+}
+
+
 def strata_values(config: dict[str, Any], data_prefix: str | None) -> dict[str, Any]:
     """The NeoX config for the benchmark shape: fp32, AdamW, constant LR, no dropout, no eval."""
     values = {
@@ -137,24 +154,13 @@ def strata_values(config: dict[str, Any], data_prefix: str | None) -> dict[str, 
         "no_weight_tying": not config["tie_embeddings"],
         "norm": "layernorm",
         "activation": "gelu",
-        "hidden_dropout": 0.0,
-        "attention_dropout": 0.0,
         "optimizer": {"type": "Adam", "params": {**config["adam"]}},
         "weight_decay": config["weight_decay"],
         "gradient_clipping": config["gradient_clipping"],
-        "lr_decay_style": "constant",
-        "warmup": 0.0,
         "train_micro_batch_size_per_gpu": config["micro_batch"],
-        "gradient_accumulation_steps": 1,
         "train_iters": config["warmup_steps"] + config["steps"],
         "eval_interval": config["warmup_steps"] + config["steps"] + 1,
-        "eval_iters": 0,
-        "split": "100,0,0",
-        # Batches are read in this process, as the peer's are: loader workers would compete
-        # with the training threads for the same cores.
-        "num_workers": 0,
-        "num_gpus": 1,
-        "seed": 1234,
+        **TIMING_RUN,
         **tokenizer_settings(config["tokenizer"]),
     }
     if data_prefix is not None:
@@ -198,7 +204,10 @@ def measure_strata(config: dict[str, Any]) -> dict[str, Any]:
     trainer = Trainer(args)
     train_iter = trainer._loader(trainer.train_ds, 0)
     timing = time_steps(
-        lambda: trainer.train_step(train_iter)["lm_loss"], config["warmup_steps"], config["steps"]
+        # Read back every step, as the peer's loss.item() is (train_step keeps it a tensor).
+        lambda: float(trainer.train_step(train_iter)["lm_loss"]),
+        config["warmup_steps"],
+        config["steps"],
     )
     return {**timing, "parameters": count_parameters(trainer.engine.module)}
 

@@ -42,7 +42,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.train_cpu import tokenizer_settings, write_random_dataset  # noqa: E402
+from benchmarks.train_cpu import (  # noqa: E402
+    TIMING_RUN,
+    tokenizer_settings,
+    write_random_dataset,
+)
 
 MODES = ("eager", "checkpointed", "compiled")
 # What a NeoX size config contributes: the model and its optimizer, nothing about the setup.
@@ -119,19 +123,10 @@ def strata_values(size: str, seq_length: int, data_prefix: str | None) -> dict[s
         "checkpoint_activations": True,
         "checkpoint_num_layers": 1,
         "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": 1,
         "train_iters": 10_000,
-        "lr_decay_style": "constant",
-        "warmup": 0.0,
-        "hidden_dropout": 0.0,
-        "attention_dropout": 0.0,
         "log_interval": 10_000,
         "eval_interval": 10_000,
-        "eval_iters": 0,
-        "split": "100,0,0",
-        "num_workers": 0,
-        "num_gpus": 1,
-        "seed": 1234,
+        **TIMING_RUN,
         **tokenizer_settings("gpt2"),
     }
     if data_prefix is not None:
