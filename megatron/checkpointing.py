@@ -167,7 +167,7 @@ def canonical_named_parameters(
     """(canonical name, parameter) for each parameter this process holds: the names of
     GPTModel(config).state_dict() at TP=1. The one place where an engine's module names are
     mapped to canonical names. named_parameters() lists a tied weight once, under its first
-    (canonical) name; a pipeline stage maps DeepSpeed's names (megatron/model/pipeline.py), and
+    (canonical) name; a pipeline stage maps DeepSpeed's names (megatron/engine/pipeline.py), and
     ``replicas=False`` leaves out the last stage's copy of a tied embedding."""
     pipeline_names = getattr(module, "canonical_named_parameters", None)
     if pipeline_names is not None:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 
 from megatron import mpu
-from megatron.data.masks import LTORBatch, get_ltor_batch, masked_mean
+from megatron.data.masks import LTORBatch, get_ltor_batch
 from megatron.registry import Registry
 
 Metrics = dict[str, torch.Tensor]
@@ -151,6 +151,11 @@ def token_losses(model: torch.nn.Module, batch: LTORBatch) -> torch.Tensor:
     return mpu.vocab_parallel_cross_entropy(logits, batch.labels)
 
 
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` where `mask` is 1 (0 when nothing is unmasked)."""
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
 def sequence_logps(model: torch.nn.Module | None, batch: LTORBatch) -> torch.Tensor:
     """Summed log-probability of each sequence's labelled tokens [b]."""
     if model is None:
@@ -172,6 +177,12 @@ def lm_loss(model: torch.nn.Module, batch: dict, ctx: LossContext) -> tuple[torc
     """Mean next-token loss over {"text": [b, s + 1], optional "label": [b, s + 1]}."""
     inputs = ltor(_on(model, batch, "text"), _on(model, batch, "label"), ctx)
     return masked_mean(token_losses(model, inputs), inputs.loss_mask), {}
+
+
+def pipeline_loss(logits: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """'normal' on a pipeline's last stage, whose labels are (targets, loss_mask)."""
+    targets, loss_mask = labels
+    return masked_mean(mpu.vocab_parallel_cross_entropy(logits, targets), loss_mask)
 
 
 # -- dpo -----------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -17,8 +16,8 @@ from megatron.data.data_utils import (
     make_data_loader,
     resolve_train_epochs,
 )
+from megatron.engine import build_step
 from megatron.initialize import device, initialize_megatron
-from megatron.learning_rates import build_lr_scheduler
 from megatron.logging import (
     MetricsLogger,
     Throughput,
@@ -31,14 +30,9 @@ from megatron.losses import (
     REFERENCE_FILE,
     LossContext,
     build_reference_model,
-    get_train_impl,
     load_reference_model,
     save_reference_model,
 )
-from megatron.model import GPTModel, ModelConfig
-from megatron.model.activation_checkpointing import configure_activation_checkpointing
-from megatron.model.compile import compile_transformer_blocks
-from megatron.optimizers import build_optimizer
 from megatron.tokenizer import build_tokenizer
 
 
@@ -51,55 +45,10 @@ class TrainState:
     consumed_valid_samples: int = 0
 
 
-def average_across_data_parallel(value: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and mpu.get_data_parallel_world_size() > 1:
-        value = value.clone()
-        dist.all_reduce(value, group=mpu.get_data_parallel_group())
-        value /= mpu.get_data_parallel_world_size()
-    return value
-
-
 def as_floats(metrics: dict) -> dict:
     """Plain numbers for logging. Steps keep their metrics on the device so the host never waits
     for the accelerator between steps; reading them here, at log intervals, is the one sync."""
     return {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
-
-
-def gradient_norm(parameters) -> torch.Tensor:
-    """L2 norm of the whole model's gradients (after DeepSpeed's data-parallel all-reduce,
-    before clipping): tensor-parallel shards summed over the tensor-parallel group, replicated
-    parameters counted once."""
-    grads = [p for p in parameters if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    shards = torch.zeros((), dtype=torch.float64, device=grads[0].grad.device)
-    replicated = torch.zeros_like(shards)
-    for p in grads:
-        square = p.grad.detach().double().pow(2).sum()
-        if getattr(p, "tensor_model_parallel", False):
-            shards += square
-        else:
-            replicated += square
-    if mpu.get_tensor_model_parallel_world_size() > 1:
-        dist.all_reduce(shards, group=mpu.get_tensor_model_parallel_group())
-    return (shards + replicated).sqrt()
-
-
-@contextmanager
-def steps_ignored(optimizer: torch.optim.Optimizer):
-    """Make ``optimizer.step`` do nothing inside the block.
-
-    DeepSpeed's fp16/bf16 wrappers at ZeRO stage 0 (FP16_Optimizer, FP16_UnfusedOptimizer) step
-    the optimizer once on zero gradients while they initialise, to create its states. For Adam
-    that step counts: bias correction runs one step ahead for the whole run (the first update is
-    0.735 lr at betas (0.9, 0.95) where ZeRO 1-3 take lr) and weight decay is applied once.
-    Ignored, the states are created at the first real step, as under ZeRO.
-    """
-    optimizer.step = lambda *args, **kwargs: None
-    try:
-        yield
-    finally:
-        del optimizer.step  # the class's step again
 
 
 class Trainer:
@@ -113,18 +62,18 @@ class Trainer:
         if args.train_iters is None:  # train_epochs: the schedule needs the data's size first
             print_rank_0(resolve_train_epochs(args))
         self.state = TrainState()
-        # pipe_parallel_size 0 and 1 both mean the sequential model.
-        self.pipelined = args.pipe_parallel_size >= 2
-        configure_activation_checkpointing(args)
-        self.engine, self.optimizer, self.scheduler = self._setup_model_and_optimizer()
-        # DeepSpeed reports the gradient norm only for the optimizers it wraps (ZeRO, bf16).
-        self._norm_is_ours = self.engine.optimizer is self.engine.basic_optimizer
+        # The model, optimizer and engine, and how a step runs on that engine.
+        self.step = build_step(args, self.device)
+        self.engine, self.optimizer, self.scheduler = (
+            self.step.engine,
+            self.step.optimizer,
+            self.step.scheduler,
+        )
         if args.load:
             self._load()
-        # The objective (megatron/losses.py); DPO/KTO compare against the starting weights.
-        self.train_impl = get_train_impl(args.train_impl)
+        # DPO/KTO compare against the starting weights.
         reference = None
-        if self.train_impl.needs_reference(args):
+        if self.step.objective.needs_reference(args):
             reference = build_reference_model(self.engine.module)
             if args.load and not args.finetune and not load_reference_model(reference, args.load):
                 print_rank_0(
@@ -142,43 +91,6 @@ class Trainer:
         self.peak_flops = device_peak_flops()
 
     # -- setup ---------------------------------------------------------------------------------
-
-    def _setup_model_and_optimizer(self):
-        import deepspeed
-
-        args = self.args
-        config, self._pipe_clipper = args.deepspeed_config, None
-        if self.pipelined:
-            from megatron.model import pipeline
-
-            model = pipeline.build_pipeline_model(args)
-            pipeline.adjust_deepspeed_config(args, config)
-            if pipeline.plain_optimizer(args):  # the hook clips and reports the norm
-                self._pipe_clipper = pipeline.GradNormClipper(model, args.gradient_clipping)
-                config["gradient_clipping"] = 0.0
-        else:
-            # Vocabulary-parallel logits: the loss is vocab_parallel_cross_entropy.
-            model = GPTModel(ModelConfig.from_neox(args), parallel_output=True).to(self.device)
-        if args.torch_compile:
-            mpu.compile_cross_entropy_kernels()
-            blocks = compile_transformer_blocks(model)
-            print_rank_0(f"torch_compile: compiled {blocks} blocks and the cross-entropy kernels")
-        optimizer = build_optimizer(args, model)
-        if self._pipe_clipper is not None:
-            optimizer.register_step_pre_hook(self._pipe_clipper)
-        scheduler = build_lr_scheduler(args, optimizer)
-        with steps_ignored(optimizer):
-            engine, _, _, _ = deepspeed.initialize(
-                model=model,
-                optimizer=optimizer,
-                config=config,
-                dist_init_required=False,
-                # Our groups: DeepSpeed all-reduces gradients over the data-parallel group and
-                # sums clipping norms over the tensor-parallel one (a PipelineModule brings its
-                # own grid).
-                mpu=None if self.pipelined else mpu,
-            )
-        return engine, engine.optimizer, scheduler
 
     def _load(self) -> None:
         args = self.args
@@ -224,72 +136,28 @@ class Trainer:
                 self.args.num_workers,
             )
         )
-        if self.pipelined:
-            from megatron.model.pipeline import pipe_batches
-
-            return pipe_batches(batches, self.loss_context)
-        return batches
+        return self.step.batches(batches, self.loss_context)
 
     # -- steps ---------------------------------------------------------------------------------
-
-    def _loss(self, batch) -> tuple[torch.Tensor, dict]:
-        """(loss, extra metrics) of one micro-batch under the configured train_impl."""
-        return self.train_impl.loss(self.engine, batch, self.loss_context)
-
-    @staticmethod
-    def _average(losses: list, extras: list[dict]) -> dict:
-        """lm_loss and each extra metric: mean over micro-batches and data-parallel ranks."""
-        metrics = {"lm_loss": average_across_data_parallel(torch.stack(losses).mean())}
-        for key in extras[0] if extras else ():
-            values = torch.stack([extra[key] for extra in extras]).float().mean()
-            metrics[key] = average_across_data_parallel(values)
-        return metrics
 
     def train_step(self, train_iter) -> dict:
         """One optimizer step over gradient_accumulation_steps micro-batches; the metrics stay
         device tensors (``as_floats`` reads them)."""
         lr = self.scheduler.step(self.state.iteration + 1)
-        losses, extras, grad_norm = [], [], None
-        if self.pipelined:  # the engine runs every micro-batch and the optimizer step
-            losses.append(self.engine.train_batch(train_iter))
-        for _ in range(0 if self.pipelined else self.args.gradient_accumulation_steps):
-            loss, extra = self._loss(next(train_iter))
-            extras.append(extra)
-            self.engine.backward(loss)
-            if self.engine.is_gradient_accumulation_boundary() and self._norm_is_ours:
-                grad_norm = gradient_norm(self.engine.module.parameters())
-            self.engine.step()
-            losses.append(loss.detach())
-        if self._pipe_clipper is not None:
-            grad_norm = self._pipe_clipper.norm
-        elif not self._norm_is_ours or self.pipelined:
-            grad_norm = self.engine.get_global_grad_norm()
+        metrics = self.step.train(train_iter, self.loss_context)
         self.state.iteration += 1
         self.state.consumed_train_samples += self.global_batch
-        metrics = {**self._average(losses, extras), "lr": lr}
-        if grad_norm is not None:
-            metrics["grad_norm"] = grad_norm
-        return metrics
+        return {**metrics, "lr": lr}
 
-    @torch.no_grad()
     def evaluate(self, split: str, dataset, consumed_attr: str | None) -> float | None:
         consumed = getattr(self.state, consumed_attr) if consumed_attr else 0
         data_iter = self._loader(dataset, consumed)
         if data_iter is None:
             return None
-        self.engine.eval()
-        losses, extras = [], []
-        for _ in range(self.args.eval_iters):
-            if self.pipelined:
-                losses.append(self.engine.eval_batch(data_iter))
-            for _ in range(0 if self.pipelined else self.args.gradient_accumulation_steps):
-                loss, extra = self._loss(next(data_iter))
-                losses.append(loss)
-                extras.append(extra)
-        self.engine.train()
+        losses = self.step.eval_losses(data_iter, self.loss_context, self.args.eval_iters)
         if consumed_attr:
             setattr(self.state, consumed_attr, consumed + self.args.eval_iters * self.global_batch)
-        metrics = as_floats(self._average(losses, extras))
+        metrics = as_floats(losses)
         self._log({"iteration": self.state.iteration, "split": split, **metrics})
         return metrics["lm_loss"]
 

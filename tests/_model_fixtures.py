@@ -132,6 +132,7 @@ def tp_worker(
 ) -> None:
     """Entry point of one spawned rank: run `configs` (TP_CONFIGS) at TP=world_size, rank 0
     saves the results."""
+    from megatron.engine.parallelize import parallelize
     from megatron.model import GPTModel, ModelConfig
     from megatron.mpu import destroy_model_parallel, initialize_model_parallel
 
@@ -144,9 +145,8 @@ def tp_worker(
         results = []
         for overrides in TP_CONFIGS if configs is None else configs:
             args = make_args(**overrides)
-            results.append(
-                run_model(GPTModel(ModelConfig.from_neox(args), parallel_output=True), args)
-            )
+            model = GPTModel(ModelConfig.from_neox(args), parallel_output=True)
+            results.append(run_model(parallelize(model, args.sequence_parallel), args))
         if rank == 0:
             torch.save(results, out_path + ".tmp")
             os.replace(out_path + ".tmp", out_path)

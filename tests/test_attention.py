@@ -14,11 +14,12 @@ from _model_fixtures import fixed_tokens, make_args
 
 import megatron.model.attention_backends as attention_backends
 from megatron.model import GPTModel, ModelConfig, count_parameters
-from megatron.model.attention import SelfAttention, kv_replicas, replicated_kv_row_order
+from megatron.model.attention import SelfAttention
 from megatron.model.attention_backends import AttentionOptions, FlashAttention, SDPAAttention
 from megatron.model.kv_cache import KVCache
 from megatron.model.positional import POS_EMBS, alibi_slopes, rope_inv_freq
 from megatron.mpu import vocab_parallel_cross_entropy
+from megatron.mpu.heads import kv_replicas, replicated_kv_row_order
 from megatron.neox_arguments import ConfigError, NeoXArgs
 from megatron.neox_arguments.sizes import parameter_counts
 

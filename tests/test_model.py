@@ -24,7 +24,13 @@ from _model_fixtures import (
 )
 
 from megatron.model import GPTModel, ModelConfig, count_parameters
-from megatron.mpu import get_rng_state, parallel_grid, set_rng_state, vocab_parallel_cross_entropy
+from megatron.mpu import (
+    get_rng_state,
+    model_parallel_is_initialized,
+    parallel_grid,
+    set_rng_state,
+    vocab_parallel_cross_entropy,
+)
 
 HF_VOCAB = 100
 
@@ -313,6 +319,28 @@ def test_the_model_builds_from_model_config_alone() -> None:
     alone, from_neox = GPTModel(config), GPTModel(ModelConfig.from_neox(make_args()))
     for (name, a), (_, b) in zip(alone.state_dict().items(), from_neox.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_the_model_runs_with_no_process_group() -> None:
+    """The model reads no parallel state: no torch.distributed, no mpu grid, forward and
+    backward from a ModelConfig alone (tensor parallelism is applied by the engine's plan)."""
+    assert not torch.distributed.is_initialized() and not model_parallel_is_initialized()
+    config = ModelConfig(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        padded_vocab_size=128,
+        max_position_embeddings=32,
+        num_kv_heads=2,
+        use_qk_layernorm=True,
+        activation="swiglu",
+        pos_emb="alibi",
+    )
+    model = GPTModel(config)
+    logits = model(torch.randint(0, 128, (2, 8)))
+    assert logits.shape == (2, 8, 128) and torch.isfinite(logits).all()
+    logits.float().pow(2).mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
 
 
 def test_rng_state_round_trip() -> None:

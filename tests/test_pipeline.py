@@ -17,8 +17,8 @@ from _model_fixtures import make_args as _make_args
 from conftest import run_tool
 from test_training import read_metrics
 
+from megatron.engine.pipeline import canonical_name
 from megatron.model import GPTModel, ModelConfig
-from megatron.model.pipeline import canonical_name
 from megatron.mpu.random import model_parallel_seed
 
 pytestmark = pytest.mark.timeout(900)
@@ -89,7 +89,7 @@ def _stage_worker(rank: int, world: int, port: int, overrides: dict, queue) -> N
     import deepspeed
 
     from megatron import mpu
-    from megatron.model.pipeline import build_pipeline_model
+    from megatron.engine.pipeline import build_pipeline_model
 
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)

@@ -16,6 +16,7 @@ from _config_fixtures import small_config, write_config, write_dataset
 from _model_fixtures import fixed_tokens, make_args, run_model
 from conftest import run_tool
 
+from megatron.engine.parallelize import parallelize, shard_sequence
 from megatron.model import GPTModel, ModelConfig
 from megatron.neox_arguments import ConfigError, NeoXArgs
 
@@ -103,9 +104,8 @@ def _worker(rank: int, port: int, out_path: str) -> None:
         initialize_model_parallel(tensor_parallel_size=TP)
         results = {"mappings": _check_mappings(rank), "rng": _check_rng_tracker(rank)}
         args = make_args(**SP_MODEL)
-        results["model"] = run_model(
-            GPTModel(ModelConfig.from_neox(args), parallel_output=True), args
-        )
+        model = GPTModel(ModelConfig.from_neox(args), parallel_output=True)
+        results["model"] = run_model(parallelize(model, args.sequence_parallel), args)
         gathered = [None] * TP
         dist.all_gather_object(gathered, results)
         if rank == 0:
@@ -156,11 +156,10 @@ def test_sequence_parallel_generation_is_a_clear_error() -> None:
     from megatron.model.kv_cache import KVCache
 
     args = make_args(**SP_MODEL)
-    model = GPTModel(
-        ModelConfig.from_neox(args)
-    )  # one process: sequence parallelism is off, generation works
-    assert model.sequence_parallel is False
-    model.sequence_parallel = True
+    # One process: sequence parallelism is off, generation works.
+    model = parallelize(GPTModel(ModelConfig.from_neox(args)), args.sequence_parallel)
+    model(fixed_tokens(args), kv_cache=KVCache(args.num_layers))
+    shard_sequence(model)
     with pytest.raises(ValueError, match="generate with sequence_parallel false"):
         model(fixed_tokens(args), kv_cache=KVCache(args.num_layers))
 

@@ -68,8 +68,3 @@ def get_ltor_batch(
             attention_mask = (docs[:, :, None] == docs[:, None, :]) & causal
             attention_mask = attention_mask[:, None]
     return LTORBatch(tokens, labels, loss_mask, attention_mask, position_ids)
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` where `mask` is 1 (0 when nothing is unmasked)."""
-    return (values * mask).sum() / mask.sum().clamp(min=1.0)

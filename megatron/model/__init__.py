@@ -3,7 +3,7 @@
 from megatron.model.activations import ACTIVATIONS, register_activation
 from megatron.model.config import ModelConfig
 from megatron.model.embedding import EmbeddingLayer
-from megatron.model.gpt_model import FinalNorm, GPTModel, LMHead, count_parameters, lm_logits
+from megatron.model.gpt_model import FinalNorm, GPTModel, LMHead, count_parameters
 from megatron.model.init_methods import INIT_METHODS, build_init_method, register_init_method
 from megatron.model.norms import NORMS, build_norm, register_norm
 from megatron.model.transformer import TransformerLayer
@@ -21,7 +21,6 @@ __all__ = [
     "build_init_method",
     "build_norm",
     "count_parameters",
-    "lm_logits",
     "register_activation",
     "register_init_method",
     "register_norm",

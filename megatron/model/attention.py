@@ -14,16 +14,9 @@ from megatron.model.config import ModelConfig
 from megatron.model.kv_cache import KVCache
 from megatron.model.norms import build_norm
 from megatron.model.positional import build_alibi_slopes, build_query_key_positions
-from megatron.mpu.initialize import (
-    get_tensor_model_parallel_rank,
-    get_tensor_model_parallel_world_size,
-    sequence_parallel_is_on,
-)
+from megatron.mpu.heads import partition_heads
 from megatron.mpu.layers import ColumnParallelLinear, InitMethod, RowParallelLinear
-from megatron.mpu.mappings import (
-    gather_from_tensor_parallel_subgroup,
-    reduce_from_tensor_model_parallel_region,
-)
+from megatron.mpu.mappings import gather_from_tensor_parallel_subgroup
 from megatron.mpu.random import get_rng_tracker
 
 
@@ -41,38 +34,6 @@ def head_counts(config: Any) -> tuple[int, int, int]:
             f"num_attention_heads ({heads}) must be a multiple of num_kv_heads ({kv_heads})"
         )
     return heads, kv_heads, hidden // heads
-
-
-def kv_replicas(kv_heads: int, heads: int, head_dim: int, tp: int) -> int:
-    """How many tensor-parallel ranks share each key/value head: 1 when every rank holds whole
-    key/value groups, tp / kv_heads when there are fewer key/value heads than ranks (each of
-    those ranks then holds 1/replicas of the shared head's channels); a clear error otherwise."""
-    if kv_heads % tp == 0:
-        return 1
-    replicas = tp // kv_heads
-    if tp % kv_heads or heads % tp or head_dim % replicas:
-        raise ValueError(
-            f"num_kv_heads ({kv_heads}) and the tensor-parallel size ({tp}) must divide one "
-            f"another; with fewer key/value heads than ranks, num_attention_heads ({heads}) "
-            f"must be divisible by the tensor-parallel size and head_dim ({head_dim}) by the "
-            f"ranks sharing a key/value head ({max(replicas, 1)})"
-        )
-    return replicas
-
-
-def replicated_kv_row_order(kv_heads: int, group: int, head_dim: int, replicas: int):
-    """The fused QKV rows in rank order when `replicas` ranks share each key/value head: rank
-    g * replicas + j holds key/value group g's query heads j * group / replicas onwards, then
-    part j of the group's key rows and part j of its value rows."""
-    rows = torch.arange(kv_heads * (group + 2) * head_dim).view(kv_heads, group + 2, head_dim)
-    heads, channels = group // replicas, head_dim // replicas
-    order = []
-    for g in range(kv_heads):
-        for j in range(replicas):
-            part = slice(j * channels, (j + 1) * channels)
-            order += [rows[g, j * heads : (j + 1) * heads].flatten(), rows[g, group, part]]
-            order.append(rows[g, group + 1, part])
-    return torch.cat(order)
 
 
 def softmax_scale(config: ModelConfig, head_dim: int) -> float:
@@ -102,17 +63,14 @@ class SelfAttention(nn.Module):
     ) -> None:
         super().__init__()
         heads, kv_heads, head_dim = head_counts(config)
-        tp = get_tensor_model_parallel_world_size()
-        self.kv_replicas = kv_replicas(kv_heads, heads, head_dim, tp)
+        partition = partition_heads(heads, kv_heads, head_dim)  # this tensor-parallel rank's
+        self.kv_replicas = partition.kv_replicas
         self.layer_number = layer_number
         self.head_dim = head_dim
         self.group = heads // kv_heads  # query heads per key/value head
-        self.local_kv_heads = max(kv_heads // tp, 1)
-        self.local_heads = heads // tp
+        self.local_kv_heads = partition.kv_heads
+        self.local_heads = partition.heads
         self.dropout_p = config.attention_dropout
-        row_order = None
-        if self.kv_replicas > 1:
-            row_order = replicated_kv_row_order(kv_heads, self.group, head_dim, self.kv_replicas)
         self.query_key_value = ColumnParallelLinear(
             config.hidden_size,
             (heads + 2 * kv_heads) * head_dim,
@@ -120,8 +78,7 @@ class SelfAttention(nn.Module):
             bias=config.use_bias_in_attn_linear,
             gather_output=False,
             params_dtype=config.params_dtype,
-            row_order=row_order,
-            sequence_parallel=sequence_parallel_is_on(config),
+            row_order=partition.row_order,
         )
         self.dense = RowParallelLinear(
             heads * head_dim,
@@ -130,22 +87,17 @@ class SelfAttention(nn.Module):
             bias=config.use_bias_in_attn_linear,
             input_is_parallel=True,
             params_dtype=config.params_dtype,
-            sequence_parallel=sequence_parallel_is_on(config),
         )
         # QK norm (Dehghani et al. 2023): one norm over each head's channels, shared by heads.
         self.q_norm = self.k_norm = None
         if config.use_qk_layernorm:
             self.q_norm = build_norm(config, head_dim)
             self.k_norm = build_norm(config, head_dim)
-            if tp > 1:  # every rank holds the weights but sees only its heads: sum the grads
-                for param in [*self.q_norm.parameters(), *self.k_norm.parameters()]:
-                    param.register_hook(reduce_from_tensor_model_parallel_region)
         # Rotary (the pos_emb kind's query/key hook), applied before the KV cache; or None.
         self.qk_positional = build_query_key_positions(config, head_dim)
         slopes = build_alibi_slopes(config)
         if slopes is not None:
-            first = get_tensor_model_parallel_rank() * self.local_heads
-            slopes = slopes[first : first + self.local_heads]
+            slopes = slopes[partition.first_head : partition.first_head + self.local_heads]
         self.core = build_attention_backend(
             config.attention_backends[layer_number],
             AttentionOptions(

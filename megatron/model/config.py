@@ -58,8 +58,6 @@ class ModelConfig:
     mup_output_temp: float = 1.0
     mup_attn_temp: float = 1.0
     params_dtype: torch.dtype = torch.float32
-    # Activations split along the sequence between tensor-parallel regions (with TP > 1).
-    sequence_parallel: bool = False
     # Blocks per recomputed chunk in training; 0 keeps every activation.
     checkpoint_num_layers: int = 0
 

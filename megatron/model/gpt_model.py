@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megatron.model.activation_checkpointing import checkpointed
@@ -15,31 +14,14 @@ from megatron.model.kv_cache import KVCache
 from megatron.model.mup import mark_width_independent, width_multiplier
 from megatron.model.norms import build_norm
 from megatron.model.transformer import TransformerLayer
-from megatron.mpu.initialize import sequence_parallel_is_on
-from megatron.mpu.layers import partitioned_parameter
-from megatron.mpu.mappings import (
-    copy_to_tensor_model_parallel_region,
-    gather_from_sequence_parallel_region,
-    gather_from_tensor_model_parallel_region,
-    reduce_gradients_across_tensor_parallel,
-    scatter_to_sequence_parallel_region,
-)
+from megatron.mpu.layers import parallel_lm_logits, partitioned_parameter
 from megatron.mpu.random import init_rng
-
-
-def lm_logits(hidden: torch.Tensor, weight: torch.Tensor, parallel_output: bool) -> torch.Tensor:
-    """Logits from [b, s, h] and a vocabulary-parallel [vocab / tp, h] weight; with
-    ``parallel_output`` each rank keeps its vocabulary shard (for vocab_parallel_cross_entropy)."""
-    logits = F.linear(copy_to_tensor_model_parallel_region(hidden), weight)
-    return logits if parallel_output else gather_from_tensor_model_parallel_region(logits)
 
 
 class FinalNorm(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.norm = build_norm(config)
-        if sequence_parallel_is_on(config):  # it sees only this rank's positions
-            reduce_gradients_across_tensor_parallel(self.norm.parameters())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x)
@@ -87,7 +69,7 @@ class LMHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.output_mult != 1.0:
             hidden = hidden * self.output_mult
-        return lm_logits(hidden, self.output_weight(), self.parallel_output)
+        return parallel_lm_logits(hidden, self.output_weight(), self.parallel_output)
 
 
 class GPTModel(nn.Module):
@@ -104,8 +86,6 @@ class GPTModel(nn.Module):
         # Blocks per recomputed chunk in training (0: keep every activation).
         self.checkpoint_num_layers = config.checkpoint_num_layers
         self.final_norm = FinalNorm(config)
-        # Between tensor-parallel regions each rank holds s / tp positions (sequence_parallel).
-        self.sequence_parallel = sequence_parallel_is_on(config)
         self.lm_head = LMHead(
             config,
             tied_embedding=None if config.no_weight_tying else self.embedding,
@@ -130,13 +110,7 @@ class GPTModel(nn.Module):
         """
         if kv_cache is not None and position_ids is None:
             position_ids = kv_cache.positions(input_ids.size(1), input_ids.device)
-        if self.sequence_parallel and kv_cache is not None:
-            raise ValueError(
-                "sequence_parallel is a training layout: generate with sequence_parallel false"
-            )
         h = self.embedding(input_ids, position_ids)
-        if self.sequence_parallel:
-            h = scatter_to_sequence_parallel_region(h)
         if self.checkpoint_num_layers and self.training and torch.is_grad_enabled():
             h = self._checkpointed_layers(h, position_ids, attention_mask)
         else:
@@ -146,9 +120,6 @@ class GPTModel(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(input_ids.size(1))
         h = self.final_norm(h)
-        if self.sequence_parallel:
-            # The head's input copy already sums the gradient over the ranks.
-            h = gather_from_sequence_parallel_region(h, grad_is_partial=False)
         if logits_to_keep > 0:
             h = h[:, -logits_to_keep:]
         return self.lm_head(h)

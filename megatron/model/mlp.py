@@ -7,7 +7,6 @@ from torch import nn
 
 from megatron.model.activations import get_activation, is_gated
 from megatron.model.config import ModelConfig
-from megatron.mpu.initialize import sequence_parallel_is_on
 from megatron.mpu.layers import ColumnParallelLinear, InitMethod, RowParallelLinear
 
 
@@ -37,7 +36,6 @@ class MLP(nn.Module):
             gather_output=False,
             params_dtype=config.params_dtype,
             stride=2 if self.gated else 1,
-            sequence_parallel=sequence_parallel_is_on(config),
         )
         self.dense_4h_to_h = RowParallelLinear(
             width,
@@ -46,7 +44,6 @@ class MLP(nn.Module):
             bias=config.use_bias_in_mlp,
             input_is_parallel=True,
             params_dtype=config.params_dtype,
-            sequence_parallel=sequence_parallel_is_on(config),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,6 @@ from megatron.model.init_methods import build_init_method
 from megatron.model.kv_cache import KVCache
 from megatron.model.mlp import MLP
 from megatron.model.norms import build_norm
-from megatron.mpu.initialize import sequence_parallel_is_on
-from megatron.mpu.mappings import reduce_gradients_across_tensor_parallel
 from megatron.mpu.random import init_rng
 
 
@@ -38,11 +36,6 @@ class TransformerLayer(nn.Module):
             tied = config.gpt_j_residual and config.gpt_j_tied
             self.post_attention_layernorm = None if tied else build_norm(config)
             self.mlp = MLP(config, init_method, output_init_method)
-        if sequence_parallel_is_on(config):  # the norms see only this rank's positions
-            norms = (self.input_layernorm, self.post_attention_layernorm)
-            reduce_gradients_across_tensor_parallel(
-                [p for norm in norms if norm is not None for p in norm.parameters()]
-            )
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, self.hidden_dropout, self.training)

@@ -186,8 +186,8 @@ class ColumnParallelLinear(nn.Module):
     ``stride`` > 1 splits each of ``stride`` equal blocks of output rows separately (a gated
     MLP's ``[gate; up]``), so a rank's output holds its part of every block; ``gather_output``
     then returns the rank-major order, so keep it False with stride > 1; so does
-    ``row_order`` (output rows reordered before they are split). With ``sequence_parallel``
-    the input is this rank's positions [b, s / tp, h], gathered here.
+    ``row_order`` (output rows reordered before they are split). After
+    ``use_sequence_parallel`` the input is this rank's positions [b, s / tp, h], gathered here.
     """
 
     def __init__(
@@ -201,19 +201,22 @@ class ColumnParallelLinear(nn.Module):
         params_dtype: torch.dtype = torch.float32,
         stride: int = 1,
         row_order: torch.Tensor | None = None,
-        sequence_parallel: bool = False,
     ) -> None:
         super().__init__()
         if (stride > 1 or row_order is not None) and gather_output:
             raise ValueError("ColumnParallelLinear: gather_output needs stride 1, no row_order")
-        if sequence_parallel and gather_output:
-            raise ValueError("ColumnParallelLinear: sequence_parallel needs gather_output=False")
         self.gather_output = gather_output
-        self.sequence_parallel = sequence_parallel
+        self.sequence_parallel = False
         self.weight = partitioned_parameter(
             (output_size, input_size), 0, init_method, params_dtype, stride, row_order
         )
         self.bias = _zero_bias(output_size, 0, params_dtype, stride, row_order) if bias else None
+
+    def use_sequence_parallel(self) -> None:
+        """Take this rank's positions [b, s / tp, h] and gather the sequence."""
+        if self.gather_output:
+            raise ValueError("ColumnParallelLinear: sequence_parallel needs gather_output=False")
+        self.sequence_parallel = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:
@@ -227,7 +230,7 @@ class ColumnParallelLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     """y = x A^T + b with A split along its input dimension; partial products are summed.
 
-    With ``sequence_parallel`` the sum is reduce-scattered: each rank gets its positions.
+    After ``use_sequence_parallel`` the sum is reduce-scattered: each rank gets its positions.
     """
 
     def __init__(
@@ -239,17 +242,20 @@ class RowParallelLinear(nn.Module):
         bias: bool = True,
         input_is_parallel: bool = False,
         params_dtype: torch.dtype = torch.float32,
-        sequence_parallel: bool = False,
     ) -> None:
         super().__init__()
-        if sequence_parallel and not input_is_parallel:
-            raise ValueError("RowParallelLinear: sequence_parallel needs input_is_parallel=True")
         self.input_is_parallel = input_is_parallel
-        self.sequence_parallel = sequence_parallel
+        self.sequence_parallel = False
         self.weight = partitioned_parameter((output_size, input_size), 1, init_method, params_dtype)
         # The bias is added once, after the reduction, so every rank holds all of it.
         self.bias = _zero_bias(output_size, None, params_dtype) if bias else None
-        if self.bias is not None and sequence_parallel:
+
+    def use_sequence_parallel(self) -> None:
+        """Reduce-scatter the output: each rank keeps its positions [b, s / tp, h]."""
+        if not self.input_is_parallel:
+            raise ValueError("RowParallelLinear: sequence_parallel needs input_is_parallel=True")
+        self.sequence_parallel = True
+        if self.bias is not None:  # it now sees only this rank's positions
             reduce_gradients_across_tensor_parallel([self.bias])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -261,6 +267,15 @@ class RowParallelLinear(nn.Module):
         else:
             y = reduce_from_tensor_model_parallel_region(y)
         return y if self.bias is None else y + self.bias
+
+
+def parallel_lm_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, parallel_output: bool
+) -> torch.Tensor:
+    """Logits from [b, s, h] and a vocabulary-parallel [vocab / tp, h] weight; with
+    ``parallel_output`` each rank keeps its vocabulary shard (for vocab_parallel_cross_entropy)."""
+    logits = F.linear(copy_to_tensor_model_parallel_region(hidden), weight)
+    return logits if parallel_output else gather_from_tensor_model_parallel_region(logits)
 
 
 class VocabParallelEmbedding(nn.Module):

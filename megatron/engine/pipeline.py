@@ -1,4 +1,4 @@
-"""GPTModel as a DeepSpeed ``PipelineModule`` (pipe_parallel_size >= 2).
+"""GPTModel as a DeepSpeed ``PipelineModule`` and its train step (pipe_parallel_size >= 2).
 
 The stages are built from the same layer classes as the sequential model: the embedding, one
 ``TransformerLayer`` per block, the final norm and the LM head. Each layer draws its weights from
@@ -20,20 +20,18 @@ from typing import Any
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+from torch import nn
 
 from megatron import mpu
-from megatron.data.masks import masked_mean
-from megatron.losses import LossContext, ltor
+from megatron.engine.parallelize import parallelize
+from megatron.engine.step import Metrics, TrainStep
+from megatron.losses import LossContext, ltor, pipeline_loss
 from megatron.model.activation_checkpointing import checkpointed
 from megatron.model.config import ModelConfig
 from megatron.model.embedding import EmbeddingLayer
 from megatron.model.gpt_model import FinalNorm, LMHead
 from megatron.model.transformer import TransformerLayer
 from megatron.mpu.initialize import sequence_parallel_is_on
-from megatron.mpu.mappings import (
-    gather_from_sequence_parallel_region,
-    scatter_to_sequence_parallel_region,
-)
 
 TIED_KEY = "embed"
 TIED_PREFIX = f"tied_modules.{TIED_KEY}."
@@ -42,33 +40,6 @@ CHECKPOINTABLE_LAYERS = [TransformerLayer.__name__]
 
 # A micro-batch as the pipeline engine takes it: (first stage's input, last stage's labels).
 PipeBatch = tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
-
-
-class EmbeddingStage(EmbeddingLayer):
-    """The embedding; with sequence_parallel its output is this rank's positions, as in
-    GPTModel."""
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__(config)
-        self.sequence_parallel = sequence_parallel_is_on(config)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        h = super().forward(input_ids)
-        return scatter_to_sequence_parallel_region(h) if self.sequence_parallel else h
-
-
-class FinalNormStage(FinalNorm):
-    """The final norm; with sequence_parallel it gathers every position for the head."""
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__(config)
-        self.sequence_parallel = sequence_parallel_is_on(config)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = super().forward(x)
-        if self.sequence_parallel:  # the head's input copy already sums the gradient
-            h = gather_from_sequence_parallel_region(h, grad_is_partial=False)
-        return h
 
 
 class TiedHead:
@@ -82,24 +53,18 @@ class TiedHead:
         return LMHead(self.config, tied_embedding=embedding, parallel_output=True)(hidden)
 
 
-def pipeline_loss(logits: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """train_impl 'normal' on the last stage: mean next-token loss where loss_mask is 1."""
-    targets, loss_mask = labels
-    return masked_mean(mpu.vocab_parallel_cross_entropy(logits, targets), loss_mask)
-
-
 def layer_specs(config: ModelConfig) -> list[LayerSpec]:
     """embedding, blocks 0..num_layers-1, final norm, head: the sequential model's order."""
     tied = not config.no_weight_tying
     embedding = (
-        TiedLayerSpec(TIED_KEY, EmbeddingStage, config, tied_weight_attr="word_embeddings.weight")
+        TiedLayerSpec(TIED_KEY, EmbeddingLayer, config, tied_weight_attr="word_embeddings.weight")
         if tied
-        else LayerSpec(EmbeddingStage, config)
+        else LayerSpec(EmbeddingLayer, config)
     )
     head = (
         TiedLayerSpec(
             TIED_KEY,
-            EmbeddingStage,
+            EmbeddingLayer,
             config,
             forward_fn=TiedHead(config),
             tied_weight_attr="word_embeddings.weight",
@@ -108,7 +73,7 @@ def layer_specs(config: ModelConfig) -> list[LayerSpec]:
         else LayerSpec(LMHead, config, None, True)
     )
     blocks = [LayerSpec(TransformerLayer, config, i) for i in range(config.num_layers)]
-    return [embedding, *blocks, LayerSpec(FinalNormStage, config), head]
+    return [embedding, *blocks, LayerSpec(FinalNorm, config), head]
 
 
 class GPTPipeline(PipelineModule):
@@ -145,8 +110,8 @@ def build_pipeline_model(args: Any) -> GPTPipeline:
         activation_checkpoint_func=checkpointed,
         checkpointable_layers=CHECKPOINTABLE_LAYERS,
     )
-    mark_norm_ownership(model)
-    return model
+    # The stages take the sequential model's tensor- and sequence-parallel plan.
+    return parallelize(model, args.sequence_parallel)
 
 
 def adjust_deepspeed_config(args: Any, config: dict) -> None:
@@ -157,54 +122,33 @@ def adjust_deepspeed_config(args: Any, config: dict) -> None:
         config.setdefault("pipeline", {}).update(pipe_partitioned=False, grad_partitioned=False)
 
 
-def mark_norm_ownership(model: PipelineModule) -> None:
-    """Tell DeepSpeed which gradients this rank counts in the global norm (clipping, ZeRO).
+class PipelineStep(TrainStep):
+    """DeepSpeed's pipeline engine runs every micro-batch of a step and the optimizer step; the
+    loss it returns is already the mean over micro-batches and data-parallel ranks."""
 
-    DeepSpeed counts a parameter when its model-parallel rank (over pipe x tensor) is 0 or the
-    parameter has ``model_parallel`` set. Every stage must count its own layers; a weight
-    replicated across tensor ranks counts on tensor rank 0 only, and the tied embedding's copy
-    on the last stage (``ds_pipe_replicated``) not at all, so each full weight counts once.
-    """
-    tensor_rank = mpu.get_tensor_model_parallel_rank()
-    for param in model.parameters():
-        replicated_copy = getattr(param, "ds_pipe_replicated", False)
-        split = hasattr(param, "partition_dim")
-        param.model_parallel = not replicated_copy and (split or tensor_rank == 0)
-        if replicated_copy and getattr(param, "tensor_model_parallel", False):
-            param.tensor_model_parallel = False
+    engine_mpu = None  # a PipelineModule brings its own grid
 
+    def build_model(self, device: torch.device) -> nn.Module:
+        return build_pipeline_model(self.args)
 
-def plain_optimizer(args: Any) -> bool:
-    """Whether DeepSpeed steps our optimizer directly (fp32, ZeRO 0): it then clips gradients
-    but does not report their norm, so a ``GradNormClipper`` does both instead."""
-    return args.precision == "fp32" and not args.zero_stage
+    def adjust_config(self, config: dict) -> None:
+        adjust_deepspeed_config(self.args, config)
 
+    def norm_group(self, model: nn.Module) -> Any:
+        return model.mpu().get_model_parallel_group()  # pipe x tensor ranks
 
-class GradNormClipper:
-    """An optimizer step pre-hook: the whole model's gradient norm over every stage (and tensor
-    rank), recorded in ``norm`` and used to clip to ``max_norm`` (0: no clipping) like
-    DeepSpeed's clip_grad_norm_. Counts the parameters ``mark_norm_ownership`` marked."""
+    def batches(self, loader: Iterator[dict], ctx: LossContext) -> Iterator[PipeBatch]:
+        return pipe_batches(loader, ctx)
 
-    def __init__(self, model: PipelineModule, max_norm: float) -> None:
-        self.parameters = list(model.parameters())
-        self.counted = [p for p in self.parameters if p.model_parallel]
-        self.group = model.mpu().get_model_parallel_group()
-        self.max_norm = max_norm
-        self.norm: float | None = None
+    def train(self, batches: Iterator[PipeBatch], ctx: LossContext) -> Metrics:
+        return self.with_grad_norm({"lm_loss": self.engine.train_batch(batches)})
 
     @torch.no_grad()
-    def __call__(self, *_: Any) -> None:
-        grads = [p.grad for p in self.counted if p.grad is not None]
-        square = torch.zeros((), dtype=torch.float64, device=self.parameters[0].device)
-        for grad in grads:
-            square += grad.double().pow(2).sum()
-        torch.distributed.all_reduce(square, group=self.group)
-        self.norm = square.sqrt().item()
-        coefficient = self.max_norm / (self.norm + 1e-6)
-        if self.max_norm > 0 and coefficient < 1:
-            for param in self.parameters:
-                if param.grad is not None:
-                    param.grad.mul_(coefficient)
+    def eval_losses(self, batches: Iterator[PipeBatch], ctx: LossContext, iters: int) -> Metrics:
+        self.engine.eval()
+        losses = [self.engine.eval_batch(batches) for _ in range(iters)]
+        self.engine.train()
+        return {"lm_loss": torch.stack(losses).mean()}
 
 
 def pipe_batches(batches: Iterator[dict], ctx: LossContext) -> Iterator[PipeBatch]:
