@@ -114,14 +114,6 @@ def build_pipeline_model(args: Any) -> GPTPipeline:
     return parallelize(model, args.sequence_parallel)
 
 
-def adjust_deepspeed_config(args: Any, config: dict) -> None:
-    """Engine settings these stages need, set in the DeepSpeed config dict in place."""
-    if sequence_parallel_is_on(args):
-        # DeepSpeed splits the hidden state sent between stages over the tensor ranks, assuming
-        # each holds all of it; sequence-parallel ranks hold different positions.
-        config.setdefault("pipeline", {}).update(pipe_partitioned=False, grad_partitioned=False)
-
-
 class PipelineStep(TrainStep):
     """DeepSpeed's pipeline engine runs every micro-batch of a step and the optimizer step; the
     loss it returns is already the mean over micro-batches and data-parallel ranks."""
@@ -131,8 +123,13 @@ class PipelineStep(TrainStep):
     def build_model(self, device: torch.device) -> nn.Module:
         return build_pipeline_model(self.args)
 
-    def adjust_config(self, config: dict) -> None:
-        adjust_deepspeed_config(self.args, config)
+    def deepspeed_config(self) -> dict:
+        config = super().deepspeed_config()
+        if sequence_parallel_is_on(self.args):
+            # DeepSpeed splits the hidden state sent between stages over the tensor ranks,
+            # assuming each holds all of it; sequence-parallel ranks hold different positions.
+            config.setdefault("pipeline", {}).update(pipe_partitioned=False, grad_partitioned=False)
+        return config
 
     def norm_group(self, model: nn.Module) -> Any:
         return model.mpu().get_model_parallel_group()  # pipe x tensor ranks

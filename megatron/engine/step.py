@@ -8,6 +8,7 @@ stay device tensors, so the host never waits for the accelerator between steps.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -62,7 +63,7 @@ def mean_metrics(losses: list[torch.Tensor], extras: list[Metrics]) -> Metrics:
     return metrics
 
 
-class TrainStep:
+class TrainStep(ABC):
     """Build the model, the optimizer, the LR schedule and the DeepSpeed engine; subclasses say
     how their engine builds the model and runs a step."""
 
@@ -78,8 +79,7 @@ class TrainStep:
         configure_activation_checkpointing(args)
         model = self.build_model(device)
         mark_norm_ownership(model, mpu.get_tensor_model_parallel_rank())
-        config = args.deepspeed_config  # built afresh on each read
-        self.adjust_config(config)
+        config = self.deepspeed_config()
         self.clipper = None
         if plain_optimizer(args):  # the hook clips and reports the norm
             self.clipper = GradNormClipper(model, self.norm_group(model), args.gradient_clipping)
@@ -109,28 +109,30 @@ class TrainStep:
 
     # -- what an engine provides -------------------------------------------------------------
 
+    @abstractmethod
     def build_model(self, device: torch.device) -> nn.Module:
-        raise NotImplementedError
+        """This process's model (or pipeline stage), with the parallel plan applied."""
 
-    def adjust_config(self, config: dict) -> None:
-        """Engine settings in the DeepSpeed config dict, set in place."""
+    def deepspeed_config(self) -> dict:
+        """The config for deepspeed.initialize (a fresh dict: ours to edit)."""
+        return self.args.deepspeed_config
 
+    @abstractmethod
     def norm_group(self, model: nn.Module) -> Any:
         """The group over which the ranks holding one model's weights sum the norm."""
-        raise NotImplementedError
 
     def batches(self, loader: Iterator[dict], ctx: LossContext) -> Iterator:
         """Loader micro-batches as the engine takes them."""
         return loader
 
+    @abstractmethod
     def train(self, batches: Iterator, ctx: LossContext) -> Metrics:
         """One optimizer step over gradient_accumulation_steps micro-batches: lm_loss (and the
         objective's metrics), reduced; grad_norm where known."""
-        raise NotImplementedError
 
+    @abstractmethod
     def eval_losses(self, batches: Iterator, ctx: LossContext, iters: int) -> Metrics:
         """``iters`` steps' worth of micro-batches without gradients, reduced as in train."""
-        raise NotImplementedError
 
     # -- shared --------------------------------------------------------------------------------
 
