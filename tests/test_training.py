@@ -3,6 +3,7 @@ resume is exact, and bad checkpoints are clear errors."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -47,6 +48,27 @@ def read_metrics(log_dir: Path) -> dict:
 
 def losses(metrics: dict) -> dict:
     return {key: record["lm_loss"] for key, record in metrics.items()}
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 0.05, 1e6])
+def test_grad_norm_clipper_clips_as_torch_does(max_norm):
+    """The norm and clipping of plain optimizers (fp32, ZeRO 0), in one process."""
+    from megatron.engine.grad_norm import GradNormClipper, mark_norm_ownership
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    expected = copy.deepcopy(model)
+    inputs = torch.randn(5, 4)
+    for module in (model, expected):
+        module(inputs).pow(2).sum().backward()
+    mark_norm_ownership(model, tensor_rank=0)
+    clipper = GradNormClipper(model, None, max_norm)
+    clipper()
+    norm = torch.nn.utils.clip_grad_norm_(expected.parameters(), max_norm or float("inf"))
+    assert clipper.norm.dtype == torch.float64  # a device tensor: read at log intervals
+    torch.testing.assert_close(clipper.norm.float(), norm)
+    for param, reference in zip(model.parameters(), expected.parameters(), strict=True):
+        torch.testing.assert_close(param.grad, reference.grad)
 
 
 def test_loss_falls_and_metrics_are_logged(tmp_path, text_dataset):
