@@ -22,7 +22,6 @@ from megatron.engine.grad_norm import GradNormClipper, mark_norm_ownership, plai
 from megatron.learning_rates import build_lr_scheduler
 from megatron.logging import print_rank_0
 from megatron.losses import LossContext, get_train_impl
-from megatron.model.activation_checkpointing import configure_activation_checkpointing
 from megatron.model.compile import compile_transformer_blocks
 from megatron.optimizers import build_optimizer
 
@@ -44,6 +43,20 @@ def steps_ignored(optimizer: torch.optim.Optimizer):
         yield
     finally:
         del optimizer.step  # the class's step again
+
+
+def configure_activation_checkpointing(args: Any) -> None:
+    """Configure deepspeed.checkpointing when `checkpoint_activations` is on (every rank, before
+    the model is built)."""
+    if not args.checkpoint_activations:
+        return
+    import deepspeed
+
+    deepspeed.checkpointing.configure(
+        mpu,
+        partition_activations=args.partition_activations,
+        num_checkpoints=args.num_layers,
+    )
 
 
 def average_across_data_parallel(value: torch.Tensor) -> torch.Tensor:

@@ -1,33 +1,17 @@
 """Activation checkpointing: recompute transformer blocks in the backward pass.
 
 Both the sequential model and the pipeline stages use DeepSpeed's ``checkpoint`` (which saves
-and restores the RNG states, so dropout draws the same masks when a block is recomputed);
-``configure_activation_checkpointing`` sets it up from the NeoX keys.
+and restores the RNG states, so dropout draws the same masks when a block is recomputed); the
+train step (megatron/engine/step.py) configures it from the NeoX keys.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
 from megatron.mpu.random import get_rng_tracker
-
-
-def configure_activation_checkpointing(args: Any) -> None:
-    """Configure deepspeed.checkpointing when `checkpoint_activations` is on (every rank)."""
-    if not args.checkpoint_activations:
-        return
-    import deepspeed
-
-    from megatron import mpu
-
-    deepspeed.checkpointing.configure(
-        mpu,
-        partition_activations=args.partition_activations,
-        num_checkpoints=args.num_layers,
-    )
 
 
 def checkpointed(
