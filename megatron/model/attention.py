@@ -63,7 +63,7 @@ class SelfAttention(nn.Module):
     ) -> None:
         super().__init__()
         heads, kv_heads, head_dim = head_counts(config)
-        partition = partition_heads(heads, kv_heads, head_dim)  # this tensor-parallel rank's
+        partition = partition_heads(heads, kv_heads, head_dim)  # this tensor-parallel rank's share
         self.kv_replicas = partition.kv_replicas
         self.layer_number = layer_number
         self.head_dim = head_dim

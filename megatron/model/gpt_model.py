@@ -73,7 +73,9 @@ class LMHead(nn.Module):
 
 
 class GPTModel(nn.Module):
-    """The whole model in one process (pipeline stages reuse the same layer classes).
+    """Every layer, unpipelined (pipeline stages reuse the same layer classes). Its
+    tensor-parallel layers shard it; the rest of a layout (sequence parallelism, gradient
+    reductions) is applied to it by megatron.engine.parallelize.
 
     ``parallel_output=True`` returns each tensor-parallel rank's vocabulary shard of the logits;
     the default gathers the full padded vocabulary (the two agree at TP=1).
