@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from megatron.checkpointing import load_checkpoint
+from megatron.checkpoint.load import load_checkpoint
 from megatron.conversion.strata_io import model_args
 from megatron.model import GPTModel, ModelConfig
 from megatron.text_generation import generate_batch

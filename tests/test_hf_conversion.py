@@ -13,7 +13,9 @@ from _config_fixtures import write_config, write_dataset
 from conftest import run_tool
 from safetensors.torch import load_file, save_file
 
-from megatron.checkpointing import CheckpointError, load_checkpoint, save_weights_checkpoint
+from megatron.checkpoint import CheckpointError
+from megatron.checkpoint.load import load_checkpoint
+from megatron.checkpoint.save import save_weights_checkpoint
 from megatron.conversion.strata_io import model_args
 from megatron.model import GPTModel, ModelConfig
 from tools.ckpts.convert_hf_to_neox import convert_hf_to_neox

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from megatron.checkpoint import MODEL_FILE, CheckpointError, read_metadata, resolve_checkpoint
-from megatron.checkpointing import _read_tensors
+from megatron.checkpoint import CheckpointError, resolve_checkpoint
+from megatron.checkpoint.reader import read_model_tensors
 from megatron.conversion.hf_config import ConversionError
 from megatron.conversion.layouts import Dims
 from megatron.neox_arguments import ConfigError, NeoXArgs
@@ -68,7 +68,6 @@ def read_checkpoint(load_dir: str | os.PathLike[str]) -> tuple[dict[str, torch.T
     """The model tensors of the checkpoint `{load_dir}/latest` names, and its folder."""
     try:
         folder = resolve_checkpoint(os.fspath(load_dir))
-        read_metadata(folder)
-        return _read_tensors(folder / MODEL_FILE), folder
+        return read_model_tensors(folder), folder
     except CheckpointError as err:
         raise ConversionError(str(err).removeprefix("load: ")) from None

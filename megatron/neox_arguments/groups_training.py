@@ -98,6 +98,11 @@ class NeoXArgsTraining:
     train_epochs: int | None = arg(None, "Number of epochs (instead of train_iters).")
     eval_iters: int = arg(100, "Iterations per evaluation run.")
     keep_last_n_checkpoints: int | None = arg(None, "Delete all but the newest N checkpoints.")
+    async_save: bool = arg(
+        False,
+        "Copy each checkpoint to CPU memory and write it in a background thread while training "
+        "continues; `latest` moves when every process has finished writing.",
+    )
     eval_interval: int = arg(1000, "Iterations between evaluations.")
     split: str = arg("969, 30, 1", "Train, validation, test proportions of data_path.")
     num_workers: int = arg(2, "Data loader worker processes.")

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from megatron.checkpointing import save_weights_checkpoint
+from megatron.checkpoint.save import save_weights_checkpoint
 from megatron.cli import exit_status
 from megatron.conversion import ConversionError
 from megatron.conversion.hf_io import read_hf_config, read_hf_tensors
