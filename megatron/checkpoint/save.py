@@ -61,15 +61,24 @@ def _barrier() -> None:
 
 
 def _boxed(
-    name: str, layout: TensorParallelSlice, start: int, values: torch.Tensor, copy: bool
+    name: str,
+    layout: TensorParallelSlice,
+    start: int,
+    values: torch.Tensor,
+    buffers: dict[str, torch.Tensor] | None,
 ) -> Pieces:
-    """The pieces (key, values) of a flat fragment; copied to CPU memory with ``copy``."""
+    """The pieces (key, values) of a flat fragment: views, or copies in CPU memory when given
+    ``buffers`` (reused from the previous snapshot: no new pages to fault in)."""
     pieces = []
     for placement in fragment_boxes(layout, start, start + values.numel()):
+        key = piece_key(name, placement.box, layout.full_shape)
         data = placement.view(values)
-        if copy:
-            data = torch.empty(data.shape, dtype=data.dtype).copy_(data)
-        pieces.append((piece_key(name, placement.box, layout.full_shape), data))
+        if buffers is not None:
+            buffer = buffers.get(key)
+            if buffer is None or buffer.shape != data.shape or buffer.dtype != data.dtype:
+                buffer = buffers[key] = torch.empty(data.shape, dtype=data.dtype)
+            data = buffer.copy_(data)
+        pieces.append((key, data))
     return pieces
 
 
@@ -99,10 +108,13 @@ class Snapshot:
 
 
 def take_snapshot(
-    folder: Path, module: torch.nn.Module, view: OptimizerView, copy: bool
+    folder: Path,
+    module: torch.nn.Module,
+    view: OptimizerView,
+    buffers: dict[str, torch.Tensor] | None = None,
 ) -> Snapshot:
     """This process's pieces: the weights and optimizer states it alone holds (views of the
-    live tensors, or CPU copies with ``copy``)."""
+    live tensors, or copies in CPU ``buffers``)."""
     named = canonical_named_parameters(module, replicas=False)
     store_master = any(p.dtype != torch.float32 for _, p in named)
     suffixes = ([MASTER] if store_master else []) + view.state_keys()
@@ -112,11 +124,11 @@ def take_snapshot(
         if not writes_tensor_parallel_copy(p):
             continue
         layout = tensor_parallel_slice(p)
-        model += _boxed(name, layout, *weight_fragment(p), copy)
+        model += _boxed(name, layout, *weight_fragment(p), buffers)
         for key in suffixes:
             held = view.fragment(p, key)
             if held is not None:
-                optimizer += _boxed(f"{name}.{key}", layout, *held, copy)
+                optimizer += _boxed(f"{name}.{key}", layout, *held, buffers)
     return Snapshot(
         folder, _rank(), _world(), {"model": model, "optimizer": optimizer}, mpu.get_rng_state()
     )
@@ -160,6 +172,7 @@ class CheckpointSaver:
         self.save_dir = Path(args.save)
         self.asynchronous = bool(getattr(args, "async_save", False))
         self.pending: _Pending | None = None
+        self.buffers: dict[str, torch.Tensor] = {}  # the asynchronous snapshot's CPU memory
 
     def save(
         self,
@@ -183,7 +196,7 @@ class CheckpointSaver:
         entries = model_entries(
             [(name, p.dtype, tensor_parallel_slice(p).full_shape) for name, p in named]
         )
-        snapshot = take_snapshot(tmp, module, view, copy=self.asynchronous)
+        snapshot = take_snapshot(tmp, module, view, self.buffers if self.asynchronous else None)
         if _rank() == 0:
             shapes = {name: list(shape) for name, _, shape in entries}
             metadata = {
