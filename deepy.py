@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 
-from megatron.neox_arguments import ConfigError, NeoXArgs
+from megatron.config import ConfigError, NeoXArgs
 from megatron.neox_arguments.launch import LaunchPlan, build_launch
 from megatron.neox_arguments.schema import FIELDS
 from megatron.neox_arguments.validation import is_default

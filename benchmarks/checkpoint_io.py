@@ -25,8 +25,8 @@ from types import SimpleNamespace
 import torch
 
 from megatron.checkpointing import load_checkpoint, save_checkpoint, tag_for
+from megatron.config import NeoXArgs
 from megatron.model import GPTModel, ModelConfig
-from megatron.neox_arguments import NeoXArgs
 
 
 def build(layers: int, hidden: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

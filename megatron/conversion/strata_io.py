@@ -11,9 +11,9 @@ import torch
 
 from megatron.checkpoint import MODEL_FILE, CheckpointError, read_metadata, resolve_checkpoint
 from megatron.checkpointing import _read_tensors
+from megatron.config import ConfigError, NeoXArgs
 from megatron.conversion.hf_config import ConversionError
 from megatron.conversion.layouts import Dims
-from megatron.neox_arguments import ConfigError, NeoXArgs
 from megatron.neox_arguments.errors import Problems
 from megatron.neox_arguments.groups_model import NeoXArgsModel
 from megatron.neox_arguments.groups_other import NeoXArgsTokenizer

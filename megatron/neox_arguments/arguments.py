@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from megatron.neox_arguments import derive, validation
+from megatron.neox_arguments import derive, rules, validation
 from megatron.neox_arguments.deepspeed_config import build_deepspeed_config
 from megatron.neox_arguments.errors import ConfigError, Problems
 from megatron.neox_arguments.loading import (
@@ -31,7 +31,10 @@ class NeoXArgs(*GROUPS):  # type: ignore[misc]
     """Every NeoX key as an attribute (dashes become underscores), plus derived values.
 
     Build with `from_ymls`, `from_dict`, `from_json` or `consume_neox_args`; each validates and
-    derives. Extra attributes: `hosts` (slots per host, None for local runs) and `warnings`.
+    derives. Extra attributes: `hosts` (slots per host, None for local runs), `warnings` and
+    `notes` (how values were derived from files, printed with the derived table). Nothing
+    changes a built config: values that depend on the data (train_iters from train_epochs) are
+    derived here, from the dataset's index.
     """
 
     # ------------------------------------------------------------------ construction
@@ -104,6 +107,7 @@ class NeoXArgs(*GROUPS):  # type: ignore[misc]
     def _build(cls, raw: RawConfig, from_launcher: bool, check_files: bool) -> NeoXArgs:
         problems = Problems()
         if not from_launcher:
+            rules.require_all()
             validation.check_derived_keys(raw.sources, problems)
         values: dict[str, Any] = {}
         for key, value in raw.values.items():
@@ -114,15 +118,18 @@ class NeoXArgs(*GROUPS):  # type: ignore[misc]
                     f"key {key!r} (from {raw.sources[key]}): expected {expected}, got "
                     f"{type(value).__name__} {value!r}{expected.hint}"
                 )
+        if not from_launcher:
+            validation.check_run_length(values, problems)
         problems.raise_if_any()
         args = cls(**values)
         args.config_files = dict(raw.config_files)
         object.__setattr__(args, "_sources", dict(raw.sources))
-        args.warnings = []
+        args.warnings, args.notes = [], []
         validation.check_support(args, problems)
         problems.raise_if_any()
         derive.derive_all(args, problems, resolve_resources=not from_launcher)
         validation.check_values(args, problems)
+        rules.check_rules(args, problems)
         if not problems.messages:
             try:
                 build_deepspeed_config(args)
@@ -134,6 +141,8 @@ class NeoXArgs(*GROUPS):  # type: ignore[misc]
             problems.raise_if_any()
             if args.padded_vocab_size is None:
                 derive.derive_vocab(args)
+            if args.train_iters is None and args.train_epochs is not None:
+                derive.derive_train_iters(args)
         derive.derive_sizes(args)
         return args
 
