@@ -103,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if not os.path.isfile(script):
             raise ConfigError(f"user script not found: {script}")
-        args = NeoXArgs.from_ymls(configs, overrides)
-        args.user_script = script
+        args = NeoXArgs.from_ymls(configs, overrides, user_script=script)
         plan = build_launch(args, script)
     except UsageError as exc:
         print(exc, file=sys.stderr)

@@ -45,17 +45,21 @@ class NeoXArgs(*GROUPS):  # type: ignore[misc]
         overrides: list[str] | None = None,
         *,
         check_files: bool = True,
+        user_script: str | None = None,
     ) -> NeoXArgs:
         """Merge YAML files, apply `key=value` overrides (they win), validate and derive.
 
         `check_files=False` skips the file system (dataset and tokenizer files); the padded
-        vocabulary and parameter count are then left unset.
+        vocabulary and parameter count are then left unset. `user_script`: the script a
+        launcher will run with this config (deepy.py's first argument).
         """
         problems = Problems()
         raw = load_files(list(paths), problems)
         apply_overrides(raw, list(overrides or []), problems)
         problems.raise_if_any()
-        return cls._build(raw, from_launcher=False, check_files=check_files)
+        return cls._build(
+            raw, from_launcher=False, check_files=check_files, user_script=user_script
+        )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, check_files: bool = True) -> NeoXArgs:
@@ -104,7 +108,13 @@ class NeoXArgs(*GROUPS):  # type: ignore[misc]
         return cls.from_ymls(files, overrides)
 
     @classmethod
-    def _build(cls, raw: RawConfig, from_launcher: bool, check_files: bool) -> NeoXArgs:
+    def _build(
+        cls,
+        raw: RawConfig,
+        from_launcher: bool,
+        check_files: bool,
+        user_script: str | None = None,
+    ) -> NeoXArgs:
         problems = Problems()
         if not from_launcher:
             rules.require_all()
@@ -120,6 +130,8 @@ class NeoXArgs(*GROUPS):  # type: ignore[misc]
                 )
         if not from_launcher:
             validation.check_run_length(values, problems)
+        if user_script is not None:
+            values["user_script"] = user_script  # derived: not a key the files may set
         problems.raise_if_any()
         args = cls(**values)
         args.config_files = dict(raw.config_files)

@@ -69,7 +69,7 @@ def derive_all(args: Any, problems: Problems, resolve_resources: bool = True) ->
         _optimizer,
         _zero,
         _schedule,
-        _attention,
+        attention_types,
         _data_weights,
         _misc,
     ):
@@ -254,7 +254,8 @@ ATTENTION_TYPES = (
 )
 
 
-def _attention(args: Any) -> None:
+def attention_types(args: Any) -> None:
+    """attention_config expanded to one attention type per layer."""
     layers = args.num_layers
     if layers is None:
         return
