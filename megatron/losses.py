@@ -26,6 +26,7 @@ from safetensors.torch import load_model, save_model
 
 from megatron import mpu
 from megatron.data.masks import LTORBatch, get_ltor_batch, masked_mean
+from megatron.neox_arguments.errors import Problems
 from megatron.neox_arguments.rules import register_names, register_rule
 from megatron.registry import Registry
 
@@ -59,7 +60,7 @@ register_names("train_impl", TRAIN_IMPLS)
 
 
 @register_rule("train_impl")
-def _check_train_impl(args: Any, problems: Any) -> None:
+def _check_train_impl(args: Any, problems: Problems) -> None:
     if args.train_impl == "rm" and "rm" not in TRAIN_IMPLS:
         problems.add(
             f"train_impl='rm'{args.where('train_impl')} is not supported yet (needs a "

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from megatron.model.mup import is_hidden_matrix, width_multiplier
+from megatron.neox_arguments.errors import Problems
 from megatron.neox_arguments.rules import register_rule
 from megatron.registry import Registry
 
@@ -87,7 +88,7 @@ MUP_OPTIMIZERS = ("adam", "adamw")
 
 
 @register_rule("optimizer")
-def _check_optimizer(args: Any, problems: Any) -> None:
+def _check_optimizer(args: Any, problems: Problems) -> None:
     """optimizer.type names a registered optimizer (NeoX compares it case-insensitively), one
     muP can scale with use_mup."""
     kind = args.optimizer_type

@@ -21,6 +21,7 @@ from torch import nn
 from megatron.model.config import ModelConfig
 from megatron.model.mup import base_width, width_multiplier
 from megatron.mpu.layers import ElementwiseInit
+from megatron.neox_arguments.errors import Problems
 from megatron.neox_arguments.rules import register_names, register_rule
 from megatron.registry import Registry
 
@@ -57,7 +58,7 @@ def mup_init_methods() -> list[str]:
 
 
 @register_rule("init_method")
-def _check_mup_init(args: Any, problems: Any) -> None:
+def _check_mup_init(args: Any, problems: Problems) -> None:
     if not args.use_mup:
         return
     for key in ("init_method", "output_layer_init_method"):

@@ -18,6 +18,7 @@ from torch import nn
 
 from megatron.model.config import ModelConfig
 from megatron.mpu.layers import InitMethod, partitioned_parameter
+from megatron.neox_arguments.errors import Problems
 from megatron.neox_arguments.rules import register_names, register_rule
 from megatron.registry import Registry
 
@@ -41,12 +42,10 @@ class PosEmb:
 POS_EMBS: Registry[PosEmb] = Registry(
     "positional embedding", register_with="megatron.model.positional.register_pos_emb"
 )
+register_names("pos_emb", POS_EMBS)
 
 # NeoX values Strata knows but does not implement, with what they are.
 UNSUPPORTED_POS_EMBS = {"rpe": "T5 relative position buckets"}
-
-
-register_names("pos_emb", POS_EMBS)
 
 
 def register_pos_emb(name: str, pos_emb: PosEmb) -> None:
@@ -144,7 +143,7 @@ def rope_scaling_problems(scaling: Any) -> list[str]:
 
 
 @register_rule("pos_emb")
-def _check_config(args: Any, problems: Any) -> None:
+def _check_config(args: Any, problems: Problems) -> None:
     name, where = args.pos_emb, args.where("pos_emb")
     if name in UNSUPPORTED_POS_EMBS and name not in POS_EMBS:
         problems.add(
