@@ -17,7 +17,6 @@ from megatron.data.data_utils import (
     build_train_valid_test_datasets,
     describe_dataset,
     make_data_loader,
-    resolve_train_epochs,
 )
 from megatron.initialize import device, initialize_megatron
 from megatron.learning_rates import build_lr_scheduler
@@ -40,6 +39,7 @@ from megatron.losses import (
 from megatron.model import GPTModel, ModelConfig
 from megatron.model.activation_checkpointing import configure_activation_checkpointing
 from megatron.model.compile import compile_transformer_blocks
+from megatron.neox_arguments import ConfigError
 from megatron.optimizers import build_optimizer
 from megatron.tokenizer import build_tokenizer
 
@@ -112,8 +112,8 @@ class Trainer:
         initialize_megatron(args)
         self.device = device()
         self.tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file)
-        if args.train_iters is None:  # train_epochs: the schedule needs the data's size first
-            print_rank_0(resolve_train_epochs(args))
+        if args.train_iters is None:  # the config derives it from train_epochs when set
+            raise ConfigError("set train_iters or train_epochs: the run needs a length")
         self.state = TrainState()
         # pipe_parallel_size 0 and 1 both mean the sequential model.
         self.pipelined = args.pipe_parallel_size >= 2

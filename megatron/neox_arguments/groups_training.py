@@ -59,7 +59,7 @@ class NeoXArgsTraining:
     dataset_impl: Literal["gpt2", "pairwise"] = arg(
         "gpt2", "Dataset kind: LM, or pairwise (chosen/rejected documents for DPO)."
     )
-    train_impl: Annotated[str, Registered("megatron.losses:TRAIN_IMPLS", refused=("rm",))] = arg(
+    train_impl: Annotated[str, Registered("train_impl", refused=("rm",))] = arg(
         "normal", "Training objective (megatron/losses.py registry; rm is not supported yet)."
     )
     dpo_fp32: bool = arg(True, "Compute the DPO loss in fp32 (Strata's log-probs always are).")
