@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 
-from megatron.neox_arguments import ConfigError, NeoXArgs
+from megatron.config import ConfigError, NeoXArgs
 from megatron.neox_arguments.launch import LaunchPlan, build_launch
 from megatron.neox_arguments.schema import FIELDS
 from megatron.neox_arguments.validation import is_default
@@ -103,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if not os.path.isfile(script):
             raise ConfigError(f"user script not found: {script}")
-        args = NeoXArgs.from_ymls(configs, overrides)
-        args.user_script = script
+        args = NeoXArgs.from_ymls(configs, overrides, user_script=script)
         plan = build_launch(args, script)
     except UsageError as exc:
         print(exc, file=sys.stderr)

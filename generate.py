@@ -23,7 +23,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron.checkpointing import load_checkpoint, resolve_checkpoint
+from megatron.checkpoint import resolve_checkpoint
+from megatron.checkpoint.load import load_checkpoint
 from megatron.entry import run_entry_point
 from megatron.initialize import device, initialize_megatron
 from megatron.model import GPTModel, ModelConfig

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from megatron.checkpointing import load_checkpoint
+from megatron.checkpoint.load import load_checkpoint
 from megatron.conversion.strata_io import model_args
 from megatron.model import GPTModel, ModelConfig
 from megatron.text_generation import generate_batch
@@ -133,8 +133,7 @@ def random_pythia_folder(shape: str, scratch: Path) -> Path:
 def load_strata(hf_dir: Path, scratch: Path, dtype: torch.dtype) -> tuple[GPTModel, Any]:
     """Convert the HF folder to a Strata checkpoint and load it as generate.py does."""
     ckpt = convert_hf_to_neox(hf_dir, scratch / "strata")
-    args = model_args([ckpt / CONFIG_NAME])
-    args.load = str(ckpt)
+    args = model_args([ckpt / CONFIG_NAME], load=str(ckpt))
     model = GPTModel(ModelConfig.from_neox(args)).eval()
     load_checkpoint(args, model, None, None, load_rng=False)
     return model.to(dtype), args

@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 
 from megatron.data.indexed_dataset import MMapIndexedDatasetBuilder
-from megatron.neox_arguments import NeoXArgs
 from megatron.tokenizer import build_tokenizer
 
 # torch, DeepSpeed and transformers are imported only in the worker processes (see above).
@@ -197,6 +196,7 @@ def time_steps(step: Callable[[], float], warmup: int, steps: int) -> dict[str, 
 
 
 def measure_strata(config: dict[str, Any]) -> dict[str, Any]:
+    from megatron.config import NeoXArgs
     from megatron.model.gpt_model import count_parameters
     from megatron.training import Trainer
 
@@ -323,6 +323,8 @@ def summarise(rounds: list[dict[str, Any]], tokens_per_step: int) -> dict[str, A
 
 def padded_vocab(values: dict[str, Any]) -> tuple[int, int]:
     """(tokenizer vocabulary, padded vocabulary) as Strata's config validation derives them."""
+    from megatron.config import NeoXArgs
+
     args = NeoXArgs.from_dict(values)
     tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file)
     return tokenizer.vocab_size, args.padded_vocab_size

@@ -9,8 +9,8 @@ import torch.distributed as dist
 
 from megatron.checkpoint import CheckpointError
 from megatron.cli import exit_status
+from megatron.config import ConfigError, NeoXArgs
 from megatron.data.indexed_dataset import DatasetError
-from megatron.neox_arguments import ConfigError, NeoXArgs
 
 USER_ERRORS = (ConfigError, CheckpointError, DatasetError, FileNotFoundError)
 

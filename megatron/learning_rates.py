@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from megatron.neox_arguments.rules import register_names
 from megatron.registry import Registry
 
 # A decay style maps progress through the decay phase (0 -> 1) to a factor (1 -> 0) between
@@ -17,6 +18,7 @@ DecayFn = Callable[[float], float]
 DECAY_STYLES: Registry[DecayFn] = Registry(
     "decay style", register_with="megatron.learning_rates.register_decay_style"
 )
+register_names("lr_decay_style", DECAY_STYLES)
 
 
 def register_decay_style(name: str) -> Callable[[DecayFn], DecayFn]:

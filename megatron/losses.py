@@ -26,6 +26,8 @@ from safetensors.torch import load_model, save_model
 
 from megatron import mpu
 from megatron.data.masks import LTORBatch, get_ltor_batch
+from megatron.neox_arguments.errors import Problems
+from megatron.neox_arguments.rules import register_names, register_rule
 from megatron.registry import Registry
 
 Metrics = dict[str, torch.Tensor]
@@ -54,6 +56,16 @@ class TrainImpl:
 TRAIN_IMPLS: Registry[TrainImpl] = Registry(
     "train_impl", register_with="megatron.losses.register_train_impl"
 )
+register_names("train_impl", TRAIN_IMPLS)
+
+
+@register_rule("train_impl")
+def _check_train_impl(args: Any, problems: Problems) -> None:
+    if args.train_impl == "rm" and "rm" not in TRAIN_IMPLS:
+        problems.add(
+            f"train_impl='rm'{args.where('train_impl')} is not supported yet (needs a "
+            f"reward head); supported: {TRAIN_IMPLS.choices()}"
+        )
 
 
 def register_train_impl(

@@ -4,10 +4,13 @@ hidden matrices learn at lr / m)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
 from megatron.model.mup import is_hidden_matrix, width_multiplier
+from megatron.neox_arguments.errors import Problems
+from megatron.neox_arguments.rules import register_rule
 from megatron.registry import Registry
 
 OptimizerFactory = Callable[[list[dict], dict], torch.optim.Optimizer]
@@ -82,6 +85,21 @@ def get_param_groups(
 
 
 MUP_OPTIMIZERS = ("adam", "adamw")
+
+
+@register_rule("optimizer")
+def _check_optimizer(args: Any, problems: Problems) -> None:
+    """optimizer.type names a registered optimizer (NeoX compares it case-insensitively), one
+    muP can scale with use_mup."""
+    kind = args.optimizer_type
+    if isinstance(kind, str) and kind not in OPTIMIZERS:
+        problems.add(OPTIMIZERS.unknown(kind, key=f"optimizer.type{args.where('optimizer')}"))
+    kind = str((args.optimizer or {}).get("type", "adam")).lower()
+    if args.use_mup and kind not in MUP_OPTIMIZERS:
+        problems.add(
+            f"use_mup{args.where('use_mup')}: muP learning rates are implemented for "
+            f"{list(MUP_OPTIMIZERS)}, not optimizer.type {kind!r}"
+        )
 
 
 def mup_hidden_lr_mult(args) -> float:

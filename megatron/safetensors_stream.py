@@ -77,6 +77,8 @@ class StreamingSafetensorsWriter:
         if missing:
             self.abort()
             raise ValueError(f"{self.path}: {len(missing)} tensors never written ({missing[0]}...)")
+        self.handle.flush()
+        os.fsync(self.handle.fileno())  # on disk before anything can point at it
         self.handle.close()
         os.replace(self.tmp, self.path)
 

@@ -9,12 +9,13 @@ import torch
 import torch.distributed as dist
 
 from megatron import mpu
-from megatron.checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
+from megatron.checkpoint import resolve_checkpoint
+from megatron.checkpoint.load import load_checkpoint
+from megatron.checkpoint.save import CheckpointSaver
 from megatron.data.data_utils import (
     build_train_valid_test_datasets,
     describe_dataset,
     make_data_loader,
-    resolve_train_epochs,
 )
 from megatron.engine import build_step
 from megatron.initialize import device, initialize_megatron
@@ -33,6 +34,7 @@ from megatron.losses import (
     load_reference_model,
     save_reference_model,
 )
+from megatron.neox_arguments import ConfigError
 from megatron.tokenizer import build_tokenizer
 
 
@@ -59,8 +61,8 @@ class Trainer:
         initialize_megatron(args)
         self.device = device()
         self.tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file)
-        if args.train_iters is None:  # train_epochs: the schedule needs the data's size first
-            print_rank_0(resolve_train_epochs(args))
+        if args.train_iters is None:  # the config derives it from train_epochs when set
+            raise ConfigError("set train_iters or train_epochs: the run needs a length")
         self.state = TrainState()
         # The model, optimizer and engine, and how a step runs on that engine.
         self.step = build_step(args, self.device)
@@ -87,6 +89,7 @@ class Trainer:
         self.dp_size = mpu.get_data_parallel_world_size()
         self.train_ds, self.valid_ds, self.test_ds = self._build_datasets()
         self.save_iters = set(args.save_iters or ())
+        self.saver = CheckpointSaver(args) if args.save else None
         self.metrics = MetricsLogger(args)
         self.peak_flops = device_peak_flops()
 
@@ -172,15 +175,14 @@ class Trainer:
         if self.loss_context.reference is not None and not self._reference_saved:
             save_reference_model(self.loss_context.reference, self.args.save)
             self._reference_saved = True
-        save_checkpoint(
-            self.args,
+        folder = self.saver.save(
             self.state.iteration,
             self.engine.module,
             self.optimizer,
             self.scheduler,
             asdict(self.state),
         )
-        print_rank_0(f"saved checkpoint {self.args.save}/global_step{self.state.iteration}")
+        print_rank_0(f"{'writing' if self.saver.asynchronous else 'saved'} checkpoint {folder}")
 
     def train(self) -> TrainState:
         args = self.args
@@ -195,6 +197,8 @@ class Trainer:
         saved_at = None
         while self.state.iteration < args.train_iters:
             metrics = self.train_step(train_iter)
+            if self.saver is not None:
+                self.saver.poll()
             throughput.add(tokens_per_step)
             interval_losses.append(metrics["lm_loss"])
             iteration = self.state.iteration
@@ -230,6 +234,8 @@ class Trainer:
                 self.evaluate("test", self.test_ds, None)
         if args.save and saved_at != self.state.iteration:
             self._save()
+        if self.saver is not None:
+            self.saver.wait()
         self.metrics.close()
         return self.state
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+import megatron.config  # noqa: F401  (every config rule registered, as the entry points do)
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -15,6 +15,7 @@ from _config_fixtures import layout_config, small_config
 from safetensors import safe_open
 from test_training import failing_run, losses, train
 
+from megatron.checkpoint.reader import open_checkpoint
 from megatron.safetensors_stream import StreamingSafetensorsWriter
 
 pytestmark = pytest.mark.timeout(900)
@@ -175,9 +176,7 @@ def test_bf16_resume_from_zero3_on_one_process(tmp_path, text_dataset):
     first, run = train(
         tmp_path, "first", text_dataset, exit_interval=6, **bf16, **Layout(dp=2, zero=3).config()
     )
-    folder = run / "ckpt" / "global_step6"
-    with safe_open(folder / "optimizer.safetensors", "pt") as handle:
-        master = handle.get_tensor("final_norm.norm.weight.master")
+    master = open_checkpoint(run / "ckpt").optimizer.get("final_norm.norm.weight.master")
     assert master.dtype == torch.float32 and master.shape == (64,)
     second, _ = train(
         tmp_path, "second", text_dataset, load=str(run / "ckpt"), **bf16, **Layout(zero=1).config()
@@ -192,18 +191,38 @@ def test_checkpoints_hold_full_tensors_whatever_the_layout(reference, saved):
     process's after the same steps."""
     _, ckpt = saved(Layout(dp=2, zero=3))
     _, full_run = reference
-    for filename in ("model.safetensors", "optimizer.safetensors"):
-        with (
-            safe_open(ckpt / "global_step6" / filename, "pt") as got,
-            safe_open(full_run / "ckpt" / "global_step6" / filename, "pt") as want,
-        ):
-            assert set(got.keys()) == set(want.keys())
-            for name in want.keys():
-                expected = want.get_tensor(name)
-                assert got.get_tensor(name).shape == expected.shape, name
-                torch.testing.assert_close(
-                    got.get_tensor(name), expected, rtol=1e-3, atol=1e-5, msg=name
-                )
+    got = open_checkpoint(ckpt / "global_step6")
+    want = open_checkpoint(full_run / "ckpt" / "global_step6")
+    for kind in ("model", "optimizer"):
+        got_files, want_files = getattr(got, kind), getattr(want, kind)
+        assert set(got_files.keys()) == set(want_files.keys())
+        for name in want_files.keys():
+            expected = want_files.get(name)
+            assert got_files.get(name).shape == expected.shape, name
+            torch.testing.assert_close(
+                got_files.get(name), expected, rtol=1e-3, atol=1e-5, msg=name
+            )
+
+
+@pytest.mark.parametrize("layout", [Layout(dp=2, zero=3), THREE_D], ids=str)
+def test_every_process_writes_its_own_pieces_once(saved, layout):
+    """No funnel through rank 0: each process writes a file per kind, each holding a share
+    of the values, and together they hold every value exactly once."""
+    _, ckpt = saved(layout)
+    checkpoint = open_checkpoint(ckpt)
+    world = layout.tp * layout.pp * layout.dp
+    for kind in ("model", "optimizer"):
+        files = getattr(checkpoint, kind)
+        assert len(files.paths) == world
+        per_file = {path.name: 0 for path in files.paths}
+        for name, pieces in files.pieces.items():
+            assert sum(box.numel for _, _, box in pieces) == torch.Size(files.shapes[name]).numel()
+            for path, _, box in pieces:
+                per_file[path.name] += box.numel
+        total = sum(per_file.values())
+        print(f"\n{layout} {kind}: values per file {sorted(per_file.values())} of {total}")
+        assert all(count > 0 for count in per_file.values())
+        assert per_file[files.paths[0].name] <= 1.5 * total / world
 
 
 def damaged_copy(tmp_path: Path, reference: tuple[dict, Path]) -> Path:
@@ -289,7 +308,7 @@ def test_zero_2_and_3_with_model_parallelism_are_config_errors(stage, key):
 
 def test_vocabulary_padding_mismatch_names_the_setting(tmp_path):
     """TP 1 -> 2 with make_vocab_size_divisible_by 128 pads 257 ids to 384, then 512 rows."""
-    from megatron.checkpointing import CheckpointError, check_shapes
+    from megatron.checkpoint.load import CheckpointError, check_shapes
 
     with pytest.raises(CheckpointError, match=r"(?s)\[512, 64\].*\[384, 64\].*pads to 512 rows"):
         check_shapes(

@@ -561,3 +561,48 @@ def test_consume_reads_yml_files_and_overrides(tmp_path: Path, dataset: str) -> 
 def test_encoded_is_urlsafe_base64_of_json(dataset: str) -> None:
     args = NeoXArgs.from_dict(small_config(dataset))
     assert base64.urlsafe_b64decode(args.encoded()).decode() == args.to_json()
+
+
+# --------------------------------------------------------------------------- the config is a leaf
+def test_the_config_package_imports_no_layer_above_it() -> None:
+    """megatron.neox_arguments imports no model, optimizer, schedule, loss or data code, and
+    refuses to check a config before megatron.config has registered their rules."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import megatron.neox_arguments as config\n"
+        "above = ('megatron.model', 'megatron.optimizers', 'megatron.losses',\n"
+        "         'megatron.learning_rates', 'megatron.data')\n"
+        "loaded = [m for m in sys.modules if m.startswith(above)]\n"
+        "assert not loaded, loaded\n"
+        "try:\n"
+        "    config.NeoXArgs.from_dict({'num_layers': 2})\n"
+        "except RuntimeError as err:\n"
+        "    assert 'import megatron.config' in str(err), err\n"
+        "else:\n"
+        "    raise AssertionError('built without the rules')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_rule_registered_by_a_module_is_applied(dataset: str) -> None:
+    from megatron.neox_arguments.rules import RULES, register_rule
+
+    @register_rule("test: even layers")
+    def _even_layers(args, problems) -> None:
+        if args.num_layers % 2:
+            problems.add(
+                f"num_layers must be even, got {args.num_layers}{args.where('num_layers')}"
+            )
+
+    try:
+        NeoXArgs.from_dict(small_config(dataset, num_layers=2))
+        with pytest.raises(ConfigError, match=r"num_layers must be even, got 3 \(from dict\)"):
+            NeoXArgs.from_dict(small_config(dataset, num_layers=3))
+    finally:
+        del RULES["test: even layers"]

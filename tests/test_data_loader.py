@@ -9,13 +9,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from _config_fixtures import small_config, write_config
 from _data_fixtures import write_documents
+from conftest import run_tool
 
 from megatron.data.data_utils import (
     build_train_valid_test_datasets,
     get_train_valid_test_split,
     make_data_loader,
-    resolve_train_epochs,
     train_iters_for_epochs,
 )
 from megatron.data.gpt2_dataset import GPT2Dataset
@@ -29,6 +30,7 @@ from megatron.data.sample_index import (
     pack_starts,
 )
 from megatron.model import ModelConfig
+from megatron.neox_arguments import NeoXArgs
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -440,20 +442,44 @@ def test_train_epochs_gives_whole_steps_within_the_epochs(tmp_path: Path, impl: 
         capped = 5 * sum(min(n, SEQ + 1) for n in (20, 35, 9, 50, 28, 14, 3, 41))
         assert 3 * capped / (SEQ + 1) <= total < 3 * docs
     assert iters == total // 4
-    line = resolve_train_epochs(args)
-    assert args.train_iters == iters and args.lr_decay_iters == iters
-    assert args.save_iters == list(range(5, iters, 5))
+    # The config derives train_iters and what follows from it while it is built.
+    config = NeoXArgs.from_dict(epoch_config(args))
+    assert config.train_iters == iters and config.lr_decay_iters == iters
+    assert config.save_iters == list(range(5, iters, 5))
+    line = config.derived_table()
     assert f"train_iters={iters}" in line and f"({per_epoch} per epoch)" in line
     # The training index built for that many samples spans exactly the epochs asked for.
     train, _, _ = build_train_valid_test_datasets(args, (iters * 4, 0, 0))
     assert train.num_epochs == 3
 
 
-def test_a_run_needs_train_iters_or_train_epochs(tmp_path: Path) -> None:
-    from megatron.neox_arguments import ConfigError
+def epoch_config(args: SimpleNamespace) -> dict:
+    """The NeoX config of `epoch_args` (train_batch_size 4, one process)."""
+    keys = ("data_path", "split", "train_epochs", "checkpoint_factor", "pack_impl")
+    values = {key: getattr(args, key) for key in keys}
+    return small_config(
+        None, seq_length=SEQ, max_position_embeddings=SEQ, train_iters=None, **values
+    )
 
-    with pytest.raises(ConfigError, match="set train_iters or train_epochs"):
-        resolve_train_epochs(epoch_args(tmp_path, train_epochs=None))
+
+def test_train_epochs_resolution_leaves_the_config_unchanged(tmp_path: Path) -> None:
+    """train_epochs is resolved once, when the config is built: the launcher's JSON carries
+    train_iters, and reading it back derives nothing more."""
+    args = NeoXArgs.from_dict(epoch_config(epoch_args(tmp_path, pack_impl="packed")))
+    assert args.train_iters == train_iters_for_epochs(args)[0]
+    assert "train_epochs=3: " in args.notes[0]
+    before = args.values()
+    launched = NeoXArgs.from_json(args.to_json())
+    assert launched.values() == before == args.values() and launched.notes == []
+    with pytest.raises(ValueError, match="train_iters .* and train_epochs .* are both set"):
+        NeoXArgs.from_dict({**epoch_config(args), "train_iters": 5})
+
+
+def test_a_run_needs_train_iters_or_train_epochs(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "config.yml", small_config(None, train_iters=None))
+    result = run_tool("train.py", config, check=False)
+    assert result.returncode == 1
+    assert "set train_iters or train_epochs" in result.stderr
 
 
 def test_train_epochs_smaller_than_one_batch(tmp_path: Path) -> None:

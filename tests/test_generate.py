@@ -271,7 +271,7 @@ def trained(tmp_path_factory, text_dataset) -> Path:
 
 
 def test_input_file_writes_a_record_per_prompt(trained, tmp_path):
-    from megatron.checkpointing import load_checkpoint
+    from megatron.checkpoint.load import load_checkpoint
     from megatron.neox_arguments import NeoXArgs
     from megatron.tokenizer import build_tokenizer
 

@@ -159,11 +159,9 @@ def _data_path(run: Path) -> str:
 def test_checkpoint_moves_between_cuda_and_cpu(runs, tmp_path):
     """A checkpoint written on CUDA loads on the CPU with the same weights and logits (fp32);
     written again from the CPU, it loads back on CUDA unchanged."""
-    from megatron.checkpointing import (
-        canonical_named_parameters,
-        load_checkpoint,
-        save_weights_checkpoint,
-    )
+    from megatron.checkpoint.load import load_checkpoint
+    from megatron.checkpoint.parameters import canonical_named_parameters
+    from megatron.checkpoint.save import save_weights_checkpoint
     from megatron.conversion.strata_io import model_args
 
     args = model_args([runs["zero0"] / "config.yml"])

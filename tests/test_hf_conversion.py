@@ -13,8 +13,11 @@ from _config_fixtures import write_config, write_dataset
 from conftest import run_tool
 from safetensors.torch import load_file, save_file
 
-from megatron.checkpointing import CheckpointError, load_checkpoint, save_weights_checkpoint
-from megatron.conversion.strata_io import model_args
+from megatron.checkpoint import CheckpointError
+from megatron.checkpoint.load import load_checkpoint
+from megatron.checkpoint.save import save_weights_checkpoint
+from megatron.config import ConfigError, NeoXArgs
+from megatron.conversion.strata_io import model_args, read_model
 from megatron.model import GPTModel, ModelConfig
 from tools.ckpts.convert_hf_to_neox import convert_hf_to_neox
 from tools.ckpts.convert_hf_to_neox import main as hf_to_neox_main
@@ -222,6 +225,26 @@ def test_config_out_and_generated_keys(tmp_path):
     metadata = json.loads((ckpt / "global_step0" / "metadata.json").read_text())
     assert metadata["weights_only"] is True and (ckpt / "latest").read_text() == "global_step0"
     assert (ckpt / "global_step0" / "configs" / "config.yml").is_file()
+
+
+def test_conversion_builds_the_model_from_its_keys_alone(tmp_path, monkeypatch):
+    """Neither converter builds a training config (NeoXArgs): the model is a ModelConfig read
+    from the model and tokenizer keys."""
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a conversion built a NeoXArgs")
+
+    monkeypatch.setattr(NeoXArgs, "_build", refused)
+    make_hf(tmp_path / "hf", "llama_gqa_tied")
+    ckpt = convert_hf_to_neox(tmp_path / "hf", tmp_path / "ckpt")
+    out, _ = convert_neox_to_hf(ckpt, [ckpt / "config.yml"], tmp_path / "back")
+    assert sorted(hf_weights(out)) == sorted(hf_weights(tmp_path / "hf"))
+    config = read_model([ckpt / "config.yml"]).config
+    assert isinstance(config, ModelConfig)
+    assert config.padded_vocab_size == VOCAB and config.ffn_hidden_size == 96
+    assert config.num_kv_heads == 2 and config.attention_backends == ("sdpa", "sdpa")
+    with pytest.raises(ConfigError, match="key 'num_layers' \\(from here\\): expected int"):
+        ModelConfig.from_neox_keys({"num_layers": "two"}, VOCAB, "here")
 
 
 def test_weights_only_checkpoint_loads_without_optimizer_state(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import run_tool
 
-from megatron.checkpointing import save_weights_checkpoint
+from megatron.checkpoint.save import save_weights_checkpoint
 
 pytestmark = pytest.mark.timeout(120)
 

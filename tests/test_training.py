@@ -108,11 +108,14 @@ def test_two_data_parallel_processes_match_one(tmp_path, text_dataset, zero_stag
         assert two[key]["lm_loss"] == pytest.approx(one[key]["lm_loss"], rel=1e-5), key
 
 
-@pytest.mark.parametrize("precision,zero_stage", [("fp32", 0), ("bf16", 1)])
-def test_resume_is_exact(tmp_path, text_dataset, precision, zero_stage):
+@pytest.mark.parametrize("precision,zero_stage,async_save", [("fp32", 0, False), ("bf16", 1, True)])
+def test_resume_is_exact(tmp_path, text_dataset, precision, zero_stage, async_save):
+    """Also from a checkpoint written in the background (async_save) while training went on."""
     settings = dict(precision=precision, zero_optimization={"stage": zero_stage})
     full, _ = train(tmp_path, "full", text_dataset, **settings)
-    first, run = train(tmp_path, "first", text_dataset, exit_interval=6, **settings)
+    first, run = train(
+        tmp_path, "first", text_dataset, exit_interval=6, async_save=async_save, **settings
+    )
     assert max(i for i, _ in first) == 6
     assert (run / "ckpt" / "latest").read_text() == "global_step6"
     second, _ = train(tmp_path, "second", text_dataset, load=str(run / "ckpt"), **settings)
@@ -143,7 +146,15 @@ def test_bf16_at_zero_stage_0_steps_as_zero_stage_1(tmp_path, text_dataset):
 
 
 def test_checkpoint_layout(tmp_path, text_dataset):
-    _, run = train(tmp_path, "run", text_dataset, keep_last_n_checkpoints=1, checkpoint_factor=4)
+    """Saved in the background (async_save): pruning and publishing leave only the newest."""
+    _, run = train(
+        tmp_path,
+        "run",
+        text_dataset,
+        keep_last_n_checkpoints=1,
+        checkpoint_factor=4,
+        async_save=True,
+    )
     ckpt = run / "ckpt"
     assert sorted(p.name for p in ckpt.iterdir()) == ["global_step12", "latest"]
     folder = ckpt / "global_step12"

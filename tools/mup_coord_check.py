@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from megatron.cli import exit_status
+from megatron.config import ConfigError, NeoXArgs
 from megatron.model import GPTModel, ModelConfig
 from megatron.mpu import vocab_parallel_cross_entropy
-from megatron.neox_arguments import ConfigError, NeoXArgs
 from megatron.optimizers import build_optimizer
 from megatron.utils import atomic_write_json
 

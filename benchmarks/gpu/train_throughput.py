@@ -324,11 +324,11 @@ def throughput(timing: dict[str, Any], micro_batch: int, args, peak: float | Non
 def measure_strata(config: dict[str, Any]) -> dict[str, Any]:
     import torch
 
+    from megatron.config import NeoXArgs
     from megatron.logging import device_peak_flops
     from megatron.model.compile import compile_transformer_blocks
     from megatron.model.gpt_model import count_parameters
     from megatron.mpu import compile_cross_entropy_kernels
-    from megatron.neox_arguments import NeoXArgs
     from megatron.training import Trainer
 
     args = NeoXArgs.from_dict(strata_values(config["size"], config["seq_length"], config["data"]))
@@ -385,8 +385,8 @@ def measure_hf(config: dict[str, Any]) -> dict[str, Any]:
     import torch.nn.functional as F
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
+    from megatron.config import NeoXArgs
     from megatron.logging import device_peak_flops
-    from megatron.neox_arguments import NeoXArgs
 
     args = NeoXArgs.from_dict(strata_values(config["size"], config["seq_length"], None))
     hidden = args.hidden_size

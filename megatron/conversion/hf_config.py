@@ -1,15 +1,16 @@
 """Architecture settings between a Hugging Face config and NeoX keys, per architecture.
 
 `*_to_neox(config)` turns a `transformers` config into the NeoX architecture keys; `neox_to_*`
-turns validated NeoX arguments into the keyword arguments of the Hugging Face config class,
-refusing settings the Hugging Face architecture cannot express (each error names the key).
+turns a `ModelConfig` into the keyword arguments of the Hugging Face config class, refusing
+settings the Hugging Face architecture cannot express (each error names the key).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from megatron.neox_arguments.sizes import ffn_sizes
+if TYPE_CHECKING:
+    from megatron.model.config import ModelConfig
 
 
 class ConversionError(ValueError):
@@ -129,87 +130,89 @@ def mistral_to_neox(config: Any, source: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------ NeoX -> Hugging Face
 
 
-def _common_to_hf(args: Any, vocab_size: int) -> dict[str, Any]:
-    _require(args.pos_emb == "rotary", f"pos_emb {args.pos_emb!r}: only rotary models convert")
-    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(args.rotary_emb_base)}
-    scaling = getattr(args, "rope_scaling", None)
+def _common_to_hf(model: ModelConfig, vocab_size: int) -> dict[str, Any]:
+    _require(model.pos_emb == "rotary", f"pos_emb {model.pos_emb!r}: only rotary models convert")
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(model.rotary_emb_base)}
+    scaling = model.rope_scaling
     if scaling:
         rope.update({k: v for k, v in scaling.items() if k != "type"})
         rope["rope_type"] = scaling.get("rope_type", scaling.get("type"))
     return {
         "vocab_size": vocab_size,
-        "hidden_size": args.hidden_size,
-        "num_hidden_layers": args.num_layers,
-        "num_attention_heads": args.num_attention_heads,
-        "max_position_embeddings": args.max_position_embeddings,
-        "tie_word_embeddings": not args.no_weight_tying,
+        "hidden_size": model.hidden_size,
+        "num_hidden_layers": model.num_layers,
+        "num_attention_heads": model.num_attention_heads,
+        "max_position_embeddings": model.max_position_embeddings,
+        "tie_word_embeddings": not model.no_weight_tying,
         "rope_parameters": rope,
     }
 
 
-def _no_sliding_window(args: Any, arch: str) -> None:
+def _no_sliding_window(model: ModelConfig, arch: str) -> None:
     _require(
-        getattr(args, "sliding_window_width", None) is None,
-        f"sliding_window_width={args.sliding_window_width}: {arch} has no sliding window "
+        model.sliding_window_width is None,
+        f"sliding_window_width={model.sliding_window_width}: {arch} has no sliding window "
         "(use --architecture mistral)",
     )
 
 
-def neox_to_gpt_neox(args: Any, vocab_size: int) -> dict[str, Any]:
+def neox_to_gpt_neox(model: ModelConfig, vocab_size: int) -> dict[str, Any]:
     arch = "gpt_neox"
-    _require(args.norm == "layernorm", f"norm {args.norm!r}: {arch} uses layernorm")
-    _require(args.use_bias_in_norms, f"use_bias_in_norms=false: {arch} norms have biases")
-    _require(args.use_bias_in_mlp, f"use_bias_in_mlp=false: {arch} MLPs have biases")
+    _require(model.norm == "layernorm", f"norm {model.norm!r}: {arch} uses layernorm")
+    _require(model.use_bias_in_norms, f"use_bias_in_norms=false: {arch} norms have biases")
+    _require(model.use_bias_in_mlp, f"use_bias_in_mlp=false: {arch} MLPs have biases")
     _require(
-        args.activation in NEOX_ACTIVATIONS,
-        f"activation {args.activation!r}: {arch} supports {sorted(NEOX_ACTIVATIONS)}",
+        model.activation in NEOX_ACTIVATIONS,
+        f"activation {model.activation!r}: {arch} supports {sorted(NEOX_ACTIVATIONS)}",
     )
     _require(
-        args.num_kv_heads in (None, args.num_attention_heads),
-        f"num_kv_heads={args.num_kv_heads}: {arch} has no grouped-query attention",
+        model.num_kv_heads in (None, model.num_attention_heads),
+        f"num_kv_heads={model.num_kv_heads}: {arch} has no grouped-query attention",
     )
     _require(
-        not (args.gpt_j_residual and args.gpt_j_tied),
+        not (model.gpt_j_residual and model.gpt_j_tied),
         f"gpt_j_tied=true: {arch} has two norms per layer",
     )
-    _no_sliding_window(args, arch)
-    values = _common_to_hf(args, vocab_size)
-    values["rope_parameters"]["partial_rotary_factor"] = args.rotary_pct
+    _no_sliding_window(model, arch)
+    values = _common_to_hf(model, vocab_size)
+    values["rope_parameters"]["partial_rotary_factor"] = model.rotary_pct
     return {
         **values,
-        "intermediate_size": ffn_sizes(args)[1],
-        "hidden_act": NEOX_ACTIVATIONS[args.activation],
-        "layer_norm_eps": args.layernorm_epsilon,
-        "use_parallel_residual": bool(args.gpt_j_residual),
-        "attention_bias": bool(args.use_bias_in_attn_linear),
+        "intermediate_size": model.ffn_hidden_size,
+        "hidden_act": NEOX_ACTIVATIONS[model.activation],
+        "layer_norm_eps": model.layernorm_epsilon,
+        "use_parallel_residual": bool(model.gpt_j_residual),
+        "attention_bias": bool(model.use_bias_in_attn_linear),
     }
 
 
-def neox_to_llama(args: Any, vocab_size: int, arch: str = "llama") -> dict[str, Any]:
-    _require(args.norm == "rmsnorm", f"norm {args.norm!r}: {arch} uses rmsnorm")
-    _require(args.activation == "swiglu", f"activation {args.activation!r}: {arch} uses swiglu")
-    _require(args.rotary_pct == 1.0, f"rotary_pct={args.rotary_pct}: {arch} rotates every channel")
-    _require(not args.gpt_j_residual, f"gpt_j_residual=true: {arch} has sequential residuals")
+def neox_to_llama(model: ModelConfig, vocab_size: int, arch: str = "llama") -> dict[str, Any]:
+    _require(model.norm == "rmsnorm", f"norm {model.norm!r}: {arch} uses rmsnorm")
+    _require(model.activation == "swiglu", f"activation {model.activation!r}: {arch} uses swiglu")
+    _require(
+        model.rotary_pct == 1.0, f"rotary_pct={model.rotary_pct}: {arch} rotates every channel"
+    )
+    _require(not model.gpt_j_residual, f"gpt_j_residual=true: {arch} has sequential residuals")
     values = {
-        **_common_to_hf(args, vocab_size),
-        "num_key_value_heads": args.num_kv_heads or args.num_attention_heads,
-        "head_dim": args.hidden_size // args.num_attention_heads,
-        "intermediate_size": ffn_sizes(args)[1],
+        **_common_to_hf(model, vocab_size),
+        "num_key_value_heads": model.num_kv_heads or model.num_attention_heads,
+        "head_dim": model.hidden_size // model.num_attention_heads,
+        "intermediate_size": model.ffn_hidden_size,
         "hidden_act": "silu",
-        "rms_norm_eps": args.rms_norm_epsilon,
+        "rms_norm_eps": model.rms_norm_epsilon,
     }
     if arch == "llama":
-        _no_sliding_window(args, arch)
-        values["attention_bias"] = bool(args.use_bias_in_attn_linear)
-        values["mlp_bias"] = bool(args.use_bias_in_mlp)
+        _no_sliding_window(model, arch)
+        values["attention_bias"] = bool(model.use_bias_in_attn_linear)
+        values["mlp_bias"] = bool(model.use_bias_in_mlp)
     return values
 
 
-def neox_to_mistral(args: Any, vocab_size: int) -> dict[str, Any]:
+def neox_to_mistral(model: ModelConfig, vocab_size: int) -> dict[str, Any]:
     arch = "mistral"
     for key in ("use_bias_in_attn_linear", "use_bias_in_mlp"):
-        _require(not getattr(args, key), f"{key}=true: {arch} projections have no biases")
+        _require(not getattr(model, key), f"{key}=true: {arch} projections have no biases")
     return {
-        **neox_to_llama(args, vocab_size, arch),
-        "sliding_window": getattr(args, "sliding_window_width", None),
+        **neox_to_llama(model, vocab_size, arch),
+        "sliding_window": model.sliding_window_width,
     }

@@ -50,7 +50,7 @@ class Architecture:
     config_class: str  # the transformers config class
     rules: tuple[TensorRule, ...]
     to_neox: Callable[[Any, str], dict[str, Any]]  # HF config -> NeoX keys
-    to_hf: Callable[[Any, int], dict[str, Any]]  # NeoX args, vocab -> HF config kwargs
+    to_hf: Callable[[Any, int], dict[str, Any]]  # ModelConfig, vocab -> HF config kwargs
     # Hugging Face tensors that are not parameters (buffers some checkpoints include).
     ignored: tuple[str, ...] = (r".*\.rotary_emb\.inv_freq",)
 
@@ -253,9 +253,9 @@ register_architecture(
 )
 
 
-def auto_architecture(args: Any) -> Architecture:
-    """The Hugging Face architecture a NeoX config describes."""
-    if args.norm == "rmsnorm" and args.activation == "swiglu":
-        name = "mistral" if getattr(args, "sliding_window_width", None) else "llama"
+def auto_architecture(model: Any) -> Architecture:
+    """The Hugging Face architecture a ModelConfig describes."""
+    if model.norm == "rmsnorm" and model.activation == "swiglu":
+        name = "mistral" if model.sliding_window_width else "llama"
         return ARCHITECTURES[name]
     return ARCHITECTURES["gpt_neox"]

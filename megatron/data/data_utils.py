@@ -20,6 +20,7 @@ from megatron.data.gpt2_dataset import GPT2Dataset, labelled_documents
 from megatron.data.indexed_dataset import DatasetError, MMapIndexedDataset
 from megatron.data.sample_index import DOCUMENTWISE, epoch_samples
 from megatron.data.samplers import PretrainingBatchSampler
+from megatron.neox_arguments.rules import register_reader
 
 logger = logging.getLogger(__name__)
 
@@ -230,24 +231,8 @@ def train_iters_for_epochs(args: Any) -> tuple[int, int, int]:
     return iters, per_epoch, total
 
 
-def resolve_train_epochs(args: Any) -> str:
-    """Set train_iters (and what follows from it: lr_decay_iters, save_iters) from
-    train_epochs and the training data; returns the line saying how it was derived."""
-    from megatron.neox_arguments import ConfigError
-    from megatron.neox_arguments.derive import _save_iters
-
-    if args.train_epochs is None:
-        raise ConfigError("set train_iters or train_epochs: the run needs a length")
-    iters, per_epoch, total = train_iters_for_epochs(args)
-    args.train_iters = iters
-    if args.lr_decay_iters is None:
-        fraction = getattr(args, "lr_decay_fraction", None)
-        args.lr_decay_iters = int(fraction * iters) if fraction else iters
-    args.save_iters = _save_iters(args)
-    return (
-        f"train_epochs={args.train_epochs}: {total:,} samples ({per_epoch:,} per epoch) / "
-        f"train_batch_size {args.train_batch_size} -> train_iters={iters:,}"
-    )
+# The config derives train_iters from train_epochs with it while it is built.
+register_reader("train_iters_for_epochs", train_iters_for_epochs)
 
 
 def make_data_loader(

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from megatron.neox_arguments.rules import register_names
 from megatron.neox_arguments.sizes import GATED_ACTIVATIONS
 from megatron.registry import Registry
 
@@ -19,6 +20,7 @@ Activation = Callable[[torch.Tensor], torch.Tensor]
 ACTIVATIONS: Registry[Activation] = Registry(
     "activation", register_with="megatron.model.register_activation"
 )
+register_names("activation", ACTIVATIONS)
 
 
 def register_activation(name: str, fn: Activation, *, gated: bool = False) -> None:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron.neox_arguments.rules import register_names
 from megatron.registry import Registry
 
 
@@ -47,6 +48,7 @@ ATTENTION_BACKENDS: Registry[BackendFactory] = Registry(
     "attention backend",
     register_with="megatron.model.attention_backends.register_attention_backend",
 )
+register_names("attention_backend", ATTENTION_BACKENDS)
 
 
 def register_attention_backend(name: str, factory: BackendFactory) -> None:

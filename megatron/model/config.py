@@ -2,13 +2,16 @@
 
 Field names are GPT-NeoX's config keys, so ``ModelConfig.from_neox(args)`` copies them; the two
 that combine several keys (each layer's attention backend, the recomputation chunk) are resolved
-there once. Conversion, generation and tests can build one directly from the sizes.
+there once. ``ModelConfig.from_neox_keys(values, padded_vocab_size)`` builds one from a model's
+NeoX keys alone (conversion: no training config), and tests can build one directly from the sizes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -89,3 +92,21 @@ class ModelConfig:
             f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name not in derived
         }
         return cls(**copied, **derived)
+
+    @classmethod
+    def from_neox_keys(
+        cls, values: Mapping[str, Any], padded_vocab_size: int, source: str = "the model config"
+    ) -> ModelConfig:
+        """The model NeoX config keys describe, from those keys alone: no batch, data, optimizer
+        or parallel settings are needed (conversion reads a model config file or a Hugging Face
+        config). Keys are checked as a config's are (ConfigError naming the key and `source`);
+        keys left out take NeoX's defaults. In fp32: the checkpoint's tensors keep their dtype."""
+        from megatron.neox_arguments.model_keys import model_keys
+
+        keys = model_keys(values, source)
+        model = {
+            **vars(keys),
+            "padded_vocab_size": padded_vocab_size,
+            "params_dtype": torch.float32,
+        }
+        return cls.from_neox(SimpleNamespace(**model))

@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -21,6 +21,8 @@ from torch import nn
 from megatron.model.config import ModelConfig
 from megatron.model.mup import base_width, width_multiplier
 from megatron.mpu.layers import ElementwiseInit
+from megatron.neox_arguments.errors import Problems
+from megatron.neox_arguments.rules import register_names, register_rule
 from megatron.registry import Registry
 
 InitMethod = Callable[[torch.Tensor], torch.Tensor]
@@ -41,6 +43,7 @@ class InitMethodSpec:
 INIT_METHODS: Registry[InitMethodSpec] = Registry(
     "init method", register_with="megatron.model.register_init_method"
 )
+register_names("init_method", INIT_METHODS)
 
 
 def register_init_method(name: str, build: InitMethodBuilder, *, mup: bool = True) -> None:
@@ -52,6 +55,18 @@ def register_init_method(name: str, build: InitMethodBuilder, *, mup: bool = Tru
 def mup_init_methods() -> list[str]:
     """The registered methods muP can rescale."""
     return sorted(name for name, spec in INIT_METHODS.items() if spec.mup)
+
+
+@register_rule("init_method")
+def _check_mup_init(args: Any, problems: Problems) -> None:
+    if not args.use_mup:
+        return
+    for key in ("init_method", "output_layer_init_method"):
+        if not INIT_METHODS[getattr(args, key)].mup:  # the schema checked it is registered
+            problems.add(
+                f"{key}={getattr(args, key)!r}{args.where(key)} cannot be used with use_mup: its "
+                f"scale follows the tensor's shape (use one of {mup_init_methods()})"
+            )
 
 
 def _normal(std: float) -> InitMethod:

@@ -16,12 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron.model.config import ModelConfig
+from megatron.neox_arguments.rules import register_names
 from megatron.registry import Registry
 
 # (config, width) -> a norm over the last dimension, `width` wide.
 NormFactory = Callable[[ModelConfig, int], nn.Module]
 
 NORMS: Registry[NormFactory] = Registry("norm", register_with="megatron.model.register_norm")
+register_names("norm", NORMS)
 
 
 def register_norm(name: str, factory: NormFactory) -> None:

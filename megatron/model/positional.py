@@ -18,6 +18,8 @@ from torch import nn
 
 from megatron.model.config import ModelConfig
 from megatron.mpu.layers import InitMethod, partitioned_parameter
+from megatron.neox_arguments.errors import Problems
+from megatron.neox_arguments.rules import register_names, register_rule
 from megatron.registry import Registry
 
 
@@ -40,6 +42,7 @@ class PosEmb:
 POS_EMBS: Registry[PosEmb] = Registry(
     "positional embedding", register_with="megatron.model.positional.register_pos_emb"
 )
+register_names("pos_emb", POS_EMBS)
 
 # NeoX values Strata knows but does not implement, with what they are.
 UNSUPPORTED_POS_EMBS = {"rpe": "T5 relative position buckets"}
@@ -137,6 +140,21 @@ def rope_scaling_problems(scaling: Any) -> list[str]:
     ):
         problems.append("rope_scaling: llama3 needs low_freq_factor < high_freq_factor")
     return problems
+
+
+@register_rule("pos_emb")
+def _check_config(args: Any, problems: Problems) -> None:
+    name, where = args.pos_emb, args.where("pos_emb")
+    if name in UNSUPPORTED_POS_EMBS and name not in POS_EMBS:
+        problems.add(
+            f"pos_emb={name!r}{where} ({UNSUPPORTED_POS_EMBS[name]}) is not supported yet; use "
+            f"one of {POS_EMBS.choices()}"
+        )
+    if args.rope_scaling is not None:
+        if name != "rotary":
+            problems.add(f"rope_scaling{args.where('rope_scaling')} needs pos_emb rotary")
+        for problem in rope_scaling_problems(args.rope_scaling):
+            problems.add(f"{problem}{args.where('rope_scaling')}")
 
 
 def rope_inv_freq(dim: int, base: float, scaling: dict[str, Any] | None = None) -> torch.Tensor:

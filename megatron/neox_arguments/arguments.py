@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from megatron.neox_arguments import derive, validation
+from megatron.neox_arguments import derive, rules, validation
 from megatron.neox_arguments.deepspeed_config import build_deepspeed_config
 from megatron.neox_arguments.errors import ConfigError, Problems
 from megatron.neox_arguments.loading import (
@@ -31,7 +31,10 @@ class NeoXArgs(*GROUPS):  # type: ignore[misc]
     """Every NeoX key as an attribute (dashes become underscores), plus derived values.
 
     Build with `from_ymls`, `from_dict`, `from_json` or `consume_neox_args`; each validates and
-    derives. Extra attributes: `hosts` (slots per host, None for local runs) and `warnings`.
+    derives. Extra attributes: `hosts` (slots per host, None for local runs), `warnings` and
+    `notes` (how values were derived from files, printed with the derived table). Nothing
+    changes a built config: values that depend on the data (train_iters from train_epochs) are
+    derived here, from the dataset's index.
     """
 
     # ------------------------------------------------------------------ construction
@@ -42,17 +45,21 @@ class NeoXArgs(*GROUPS):  # type: ignore[misc]
         overrides: list[str] | None = None,
         *,
         check_files: bool = True,
+        user_script: str | None = None,
     ) -> NeoXArgs:
         """Merge YAML files, apply `key=value` overrides (they win), validate and derive.
 
         `check_files=False` skips the file system (dataset and tokenizer files); the padded
-        vocabulary and parameter count are then left unset.
+        vocabulary and parameter count are then left unset. `user_script`: the script a
+        launcher will run with this config (deepy.py's first argument).
         """
         problems = Problems()
         raw = load_files(list(paths), problems)
         apply_overrides(raw, list(overrides or []), problems)
         problems.raise_if_any()
-        return cls._build(raw, from_launcher=False, check_files=check_files)
+        return cls._build(
+            raw, from_launcher=False, check_files=check_files, user_script=user_script
+        )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, check_files: bool = True) -> NeoXArgs:
@@ -101,9 +108,16 @@ class NeoXArgs(*GROUPS):  # type: ignore[misc]
         return cls.from_ymls(files, overrides)
 
     @classmethod
-    def _build(cls, raw: RawConfig, from_launcher: bool, check_files: bool) -> NeoXArgs:
+    def _build(
+        cls,
+        raw: RawConfig,
+        from_launcher: bool,
+        check_files: bool,
+        user_script: str | None = None,
+    ) -> NeoXArgs:
         problems = Problems()
         if not from_launcher:
+            rules.require_all()
             validation.check_derived_keys(raw.sources, problems)
         values: dict[str, Any] = {}
         for key, value in raw.values.items():
@@ -114,15 +128,20 @@ class NeoXArgs(*GROUPS):  # type: ignore[misc]
                     f"key {key!r} (from {raw.sources[key]}): expected {expected}, got "
                     f"{type(value).__name__} {value!r}{expected.hint}"
                 )
+        if not from_launcher:
+            validation.check_run_length(values, problems)
+        if user_script is not None:
+            values["user_script"] = user_script  # derived: not a key the files may set
         problems.raise_if_any()
         args = cls(**values)
         args.config_files = dict(raw.config_files)
         object.__setattr__(args, "_sources", dict(raw.sources))
-        args.warnings = []
+        args.warnings, args.notes = [], []
         validation.check_support(args, problems)
         problems.raise_if_any()
         derive.derive_all(args, problems, resolve_resources=not from_launcher)
         validation.check_values(args, problems)
+        rules.check_rules(args, problems)
         if not problems.messages:
             try:
                 build_deepspeed_config(args)
@@ -134,6 +153,8 @@ class NeoXArgs(*GROUPS):  # type: ignore[misc]
             problems.raise_if_any()
             if args.padded_vocab_size is None:
                 derive.derive_vocab(args)
+            if args.train_iters is None and args.train_epochs is not None:
+                derive.derive_train_iters(args)
         derive.derive_sizes(args)
         return args
 

@@ -7,6 +7,7 @@ import os
 import subprocess
 from typing import Any
 
+from megatron.neox_arguments import rules
 from megatron.neox_arguments.batch import resolve_batch
 from megatron.neox_arguments.errors import ConfigError, Problems
 from megatron.neox_arguments.resources import local_device_count, resolve_hosts
@@ -68,7 +69,7 @@ def derive_all(args: Any, problems: Problems, resolve_resources: bool = True) ->
         _optimizer,
         _zero,
         _schedule,
-        _attention,
+        attention_types,
         _data_weights,
         _misc,
     ):
@@ -203,11 +204,6 @@ def _zero(args: Any) -> None:
 
 
 def _schedule(args: Any) -> None:
-    if args.train_iters is not None and args.train_epochs is not None:
-        raise ConfigError(
-            f"train_iters ({args.train_iters}) and train_epochs ({args.train_epochs}) are both "
-            "set; set only one"
-        )
     if args.lr_decay_fraction is not None:
         if not 0 < args.lr_decay_fraction <= 1:
             raise ConfigError(f"lr_decay_fraction must be in (0, 1], got {args.lr_decay_fraction}")
@@ -258,7 +254,8 @@ ATTENTION_TYPES = (
 )
 
 
-def _attention(args: Any) -> None:
+def attention_types(args: Any) -> None:
+    """attention_config expanded to one attention type per layer."""
     layers = args.num_layers
     if layers is None:
         return
@@ -396,6 +393,22 @@ def _checkpoint_vocab(load: str | None) -> tuple[Any, int | None]:
         return folder, padded_vocab_size(read_metadata(folder))
     except CheckpointError:
         return None, None
+
+
+def derive_train_iters(args: Any) -> None:
+    """train_iters from train_epochs and the training data's index (read by the data code's
+    "train_iters_for_epochs" reader: the most whole steps within the epochs), then what follows
+    from it; the arithmetic goes to `args.notes`."""
+    try:
+        iters, per_epoch, total = rules.reader("train_iters_for_epochs")(args)
+    except ValueError as err:  # DatasetError: the data cannot give train_epochs
+        raise ConfigError(f"train_epochs{args.where('train_epochs')}: {err}") from None
+    args.train_iters = iters
+    _schedule(args)
+    args.notes.append(
+        f"train_epochs={args.train_epochs}: {total:,} samples ({per_epoch:,} per epoch) / "
+        f"train_batch_size {args.train_batch_size} -> train_iters={iters:,}"
+    )
 
 
 def derive_sizes(args: Any) -> None:

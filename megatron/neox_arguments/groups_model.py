@@ -9,13 +9,11 @@ from megatron.neox_arguments.typecheck import Registered
 DEFAULT_ONLY, HINT = Support.DEFAULT_ONLY, Support.HINT
 
 # Names the model's registries accept (see megatron/registry.py).
-NormName = Annotated[str, Registered("megatron.model.norms:NORMS")]
-PosEmbName = Annotated[str, Registered("megatron.model.positional:POS_EMBS", refused=("rpe",))]
-AttentionBackendName = Annotated[
-    str, Registered("megatron.model.attention_backends:ATTENTION_BACKENDS")
-]
-ActivationName = Annotated[str, Registered("megatron.model.activations:ACTIVATIONS")]
-InitMethodName = Annotated[str, Registered("megatron.model.init_methods:INIT_METHODS")]
+NormName = Annotated[str, Registered("norm")]
+PosEmbName = Annotated[str, Registered("pos_emb", refused=("rpe",))]
+AttentionBackendName = Annotated[str, Registered("attention_backend")]
+ActivationName = Annotated[str, Registered("activation")]
+InitMethodName = Annotated[str, Registered("init_method")]
 
 
 @dataclass

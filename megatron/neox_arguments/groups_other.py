@@ -46,7 +46,7 @@ class NeoXArgsOptimizer:
 class NeoXArgsLRScheduler:
     """Learning-rate schedule arguments."""
 
-    lr_decay_style: Annotated[str, Registered("megatron.learning_rates:DECAY_STYLES")] = arg(
+    lr_decay_style: Annotated[str, Registered("lr_decay_style")] = arg(
         "linear", "Decay shape after warmup (megatron/learning_rates.py registry)."
     )
     lr_decay_iters: int | None = arg(None, "Iterations to decay over; train_iters when unset.")

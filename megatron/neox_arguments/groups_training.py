@@ -59,7 +59,7 @@ class NeoXArgsTraining:
     dataset_impl: Literal["gpt2", "pairwise"] = arg(
         "gpt2", "Dataset kind: LM, or pairwise (chosen/rejected documents for DPO)."
     )
-    train_impl: Annotated[str, Registered("megatron.losses:TRAIN_IMPLS", refused=("rm",))] = arg(
+    train_impl: Annotated[str, Registered("train_impl", refused=("rm",))] = arg(
         "normal", "Training objective (megatron/losses.py registry; rm is not supported yet)."
     )
     dpo_fp32: bool = arg(True, "Compute the DPO loss in fp32 (Strata's log-probs always are).")
@@ -98,6 +98,11 @@ class NeoXArgsTraining:
     train_epochs: int | None = arg(None, "Number of epochs (instead of train_iters).")
     eval_iters: int = arg(100, "Iterations per evaluation run.")
     keep_last_n_checkpoints: int | None = arg(None, "Delete all but the newest N checkpoints.")
+    async_save: bool = arg(
+        False,
+        "Copy each checkpoint to CPU memory and write it in a background thread while training "
+        "continues; `latest` moves when every process has finished writing.",
+    )
     eval_interval: int = arg(1000, "Iterations between evaluations.")
     split: str = arg("969, 30, 1", "Train, validation, test proportions of data_path.")
     num_workers: int = arg(2, "Data loader worker processes.")

@@ -15,7 +15,8 @@ def _count(value: int | None) -> str:
 
 
 def derived_table(args: Any) -> str:
-    """Aligned `name  value` lines: layout, batch arithmetic, schedule, sizes."""
+    """Aligned `name  value` lines: layout, batch arithmetic, schedule, sizes; then the notes on
+    values derived from files."""
     tp, pp = max(args.model_parallel_size, 1), max(args.pipe_parallel_size, 1)
     decay = args.lr_decay_iters
     warmup = "n/a" if decay is None else f"{decay} / {int(args.warmup * decay)}"
@@ -45,4 +46,5 @@ def derived_table(args: Any) -> str:
         ("parameters", _count(args.num_parameters)),
     ]
     width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
+    lines = [f"{name.ljust(width)}  {value}" for name, value in rows]
+    return "\n".join([*lines, *args.notes])

@@ -8,13 +8,14 @@ case-insensitively), stored in the schema's or the registry's spelling.
 
 from __future__ import annotations
 
-import importlib
 import math
 import re
 import types
 import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
+
+from megatron.neox_arguments import rules
 
 _NUMBER = re.compile(r"^[-+]?(\d[\d_]*\.?[\d_]*|\.\d[\d_]*)([eE][-+]?\d+)?$")
 
@@ -30,19 +31,20 @@ class TypeMismatch(Exception):
 
 @dataclass(frozen=True)
 class Registered:
-    """Schema marker, ``Annotated[str, Registered("module:REGISTRY")]``: the value names an entry
-    of that `megatron.registry.Registry`, so a user's ``register_*`` call is all a new name
-    needs. The registry's module is imported when a value is checked, not with the schema.
+    """Schema marker, ``Annotated[str, Registered("norm")]``: the value names an entry of the
+    registry the model (or optimizer, schedule, loss) module registered under that kind with
+    `rules.register_names`, so a user's ``register_*`` call is all a new name needs.
     ``refused`` are NeoX names accepted here for validation to explain why they are not
     supported yet."""
 
-    registry: str
+    kind: str
     refused: tuple[str, ...] = ()
 
     def canonical(self, value: str) -> str:
         """``value`` in the registry's spelling; raises TypeMismatch if nobody registered it."""
-        module, _, attribute = self.registry.partition(":")
-        registry = getattr(importlib.import_module(module), attribute)
+        registry = rules.names(self.kind)
+        if registry is None:  # a launched process: the launcher checked the name
+            return value
         names = (*registry, *self.refused)
         if value in names:
             return value

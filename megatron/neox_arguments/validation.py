@@ -46,6 +46,16 @@ def check_derived_keys(keys: dict[str, str], problems: Problems) -> None:
         problems.add(f"key {key!r} (from {source}) cannot be set: {detail}")
 
 
+def check_run_length(values: dict[str, Any], problems: Problems) -> None:
+    """A config sets train_iters or train_epochs (the config a launcher passes on has both:
+    train_iters is then the one derived from train_epochs)."""
+    iters, epochs = values.get("train_iters"), values.get("train_epochs")
+    if iters is not None and epochs is not None:
+        problems.add(
+            f"train_iters ({iters}) and train_epochs ({epochs}) are both set; set only one"
+        )
+
+
 def check_support(args: Any, problems: Problems) -> None:
     """Features Strata does not implement yet are errors, never silently ignored."""
     for key, f in FIELDS.items():
@@ -201,20 +211,11 @@ def check_values(args: Any, problems: Problems) -> None:
     _check_attention(args, problems)
     _check_tensor_parallel(args, problems)
     _check_mlp_norm_mup(args, problems)
-    _check_optimizer_type(args, problems)
-
-
-def _check_optimizer_type(args: Any, problems: Problems) -> None:
-    """optimizer.type names a registered optimizer (NeoX compares it case-insensitively)."""
-    from megatron.optimizers import OPTIMIZERS
-
-    kind = args.optimizer_type
-    if isinstance(kind, str) and kind not in OPTIMIZERS:
-        problems.add(OPTIMIZERS.unknown(kind, key=f"optimizer.type{args.where('optimizer')}"))
 
 
 def _check_mlp_norm_mup(args: Any, problems: Problems) -> None:
-    """MLP width keys, Transformer Engine norms and muP's base width."""
+    """MLP width keys, Transformer Engine norms and muP's scales (the init methods and the
+    optimizer it can use register their own rules)."""
     if args.intermediate_size and args.expansion_factor:
         problems.add(
             f"set intermediate_size ({args.intermediate_size}){args.where('intermediate_size')} "
@@ -241,21 +242,6 @@ def _check_mlp_norm_mup(args: Any, problems: Problems) -> None:
     for key in ("mup_init_scale", "mup_output_temp", "mup_embedding_mult", "mup_attn_temp"):
         if getattr(args, key) <= 0:
             problems.add(f"{key} must be > 0, got {getattr(args, key)}{args.where(key)}")
-    from megatron.model.init_methods import INIT_METHODS, mup_init_methods
-    from megatron.optimizers import MUP_OPTIMIZERS
-
-    for key in ("init_method", "output_layer_init_method"):
-        if not INIT_METHODS[getattr(args, key)].mup:  # the schema checked it is registered
-            problems.add(
-                f"{key}={getattr(args, key)!r}{args.where(key)} cannot be used with use_mup: its "
-                f"scale follows the tensor's shape (use one of {mup_init_methods()})"
-            )
-    kind = str((args.optimizer or {}).get("type", "adam")).lower()
-    if kind not in MUP_OPTIMIZERS:
-        problems.add(
-            f"use_mup{args.where('use_mup')}: muP learning rates are implemented for "
-            f"{list(MUP_OPTIMIZERS)}, not optimizer.type {kind!r}"
-        )
 
 
 def _check_split(args: Any, problems: Problems) -> None:
@@ -322,21 +308,8 @@ def _check_blending(args: Any, problems: Problems) -> None:
 
 
 def _check_attention(args: Any, problems: Problems) -> None:
-    """Positional embedding, GQA under tensor parallelism and the attention backends."""
-    if args.pos_emb == "rpe":
-        from megatron.model.positional import POS_EMBS
-
-        problems.add(
-            f"pos_emb='rpe'{args.where('pos_emb')} (T5 relative position buckets) is not "
-            f"supported yet; use one of {POS_EMBS.choices()}"
-        )
-    if args.rope_scaling is not None:
-        if args.pos_emb != "rotary":
-            problems.add(f"rope_scaling{args.where('rope_scaling')} needs pos_emb rotary")
-        from megatron.model.positional import rope_scaling_problems
-
-        for problem in rope_scaling_problems(args.rope_scaling):
-            problems.add(f"{problem}{args.where('rope_scaling')}")
+    """GQA under tensor parallelism and the attention backends (megatron/model/positional.py
+    checks pos_emb and rope_scaling)."""
     kv = args.num_kv_heads or args.num_attention_heads
     tp = max(args.model_parallel_size, 1)
     if kv and kv > 0 and kv % tp and tp % kv:
@@ -389,13 +362,6 @@ def _check_tensor_parallel(args: Any, problems: Problems) -> None:
 def _check_train_impl(args: Any, problems: Problems) -> None:
     """DPO needs pairwise (pos_/neg_) data, KTO rewards; both are one document per sample."""
     impl, splits = args.train_impl, ("train", "valid", "test")
-    if impl == "rm":
-        from megatron.losses import TRAIN_IMPLS
-
-        problems.add(
-            f"train_impl='rm'{args.where('train_impl')} is not supported yet (needs a "
-            f"reward head); supported: {TRAIN_IMPLS.choices()}"
-        )
     if (impl == "dpo") != (args.dataset_impl == "pairwise"):
         problems.add(
             f"train_impl dpo and dataset_impl pairwise go together, got train_impl="

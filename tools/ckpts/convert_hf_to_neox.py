@@ -21,11 +21,12 @@ from typing import Any
 
 import yaml
 
-from megatron.checkpointing import save_weights_checkpoint
+from megatron.checkpoint.save import save_weights_checkpoint
 from megatron.cli import exit_status
 from megatron.conversion import ConversionError
 from megatron.conversion.hf_io import read_hf_config, read_hf_tensors
-from megatron.conversion.strata_io import dims_for, expected_shapes, model_args
+from megatron.conversion.strata_io import dims_for, expected_shapes, model_config
+from megatron.tokenizer import pad_vocab_size
 from megatron.utils import atomic_write_text
 
 CONFIG_NAME = "config.yml"
@@ -45,8 +46,6 @@ def vocab_divisor(tokenizer_vocab: int, model_vocab: int, requested: int | None)
     """make_vocab_size_divisible_by giving exactly the model's rows (the largest power of two
     up to NeoX's 128 that does, else the smallest divisor that does); or the requested value,
     which may pad further (extra rows are zeros)."""
-    from megatron.tokenizer import pad_vocab_size
-
     if requested is not None:
         padded = pad_vocab_size(tokenizer_vocab, requested, 1)
         if padded < model_vocab:
@@ -100,24 +99,26 @@ def convert_hf_to_neox(
             f"tokenizer {tokenizer_file} has {tokens} tokens, more than the model's {rows} "
             "embedding rows"
         )
+    divisor = vocab_divisor(tokens, rows, make_vocab_size_divisible_by)
     values.update(
         tokenizer_type="HFTokenizer",
         vocab_file=str(tokenizer_file.resolve()),
-        make_vocab_size_divisible_by=vocab_divisor(tokens, rows, make_vocab_size_divisible_by),
+        make_vocab_size_divisible_by=divisor,
     )
     text = render_config(values, hf_dir, arch.hf_class, output)
+    # The model alone, as a one-process run pads its vocabulary: no training config needed.
+    config = model_config(values, pad_vocab_size(tokens, divisor, 1), str(hf_dir / "config.json"))
 
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         (staging / CONFIG_NAME).write_text(text)
-        args = model_args([staging / CONFIG_NAME])
         tensors = arch.to_strata(
             read_hf_tensors(hf_dir),
-            expected_shapes(args),
-            dims_for(args, rows),
+            expected_shapes(config),
+            dims_for(config, rows),
             source=str(hf_dir),
-            tied=not args.no_weight_tying,
+            tied=not config.no_weight_tying,
         )
         save_weights_checkpoint(staging, tensors, {CONFIG_NAME: text})
         staging.chmod(0o755)

@@ -28,7 +28,7 @@ from megatron.conversion.hf_io import (
     write_hf_weights,
     write_tokenizer,
 )
-from megatron.conversion.strata_io import dims_for, expected_shapes, model_args, read_checkpoint
+from megatron.conversion.strata_io import dims_for, expected_shapes, read_checkpoint, read_model
 
 DEFAULT_SHARD_GB = 5.0
 
@@ -43,23 +43,20 @@ def convert_neox_to_hf(
     max_shard_gb: float = DEFAULT_SHARD_GB,
 ) -> tuple[Path, str]:
     """Write the Hugging Face folder `output`; returns it and a note about the tokenizer."""
-    from megatron.tokenizer import build_tokenizer
-
     output = Path(output)
     if output.exists():
         raise ConversionError(f"output already exists: {output}")
-    args = model_args(config_files)
-    arch = auto_architecture(args) if architecture == "auto" else ARCHITECTURES[architecture]
-    tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file)
+    config, keys, tokenizer = read_model(config_files)
+    arch = auto_architecture(config) if architecture == "auto" else ARCHITECTURES[architecture]
     vocab = vocab_size or tokenizer.vocab_size
     if vocab < tokenizer.vocab_size:
         raise ConversionError(
             f"--vocab-size {vocab} is smaller than the tokenizer's {tokenizer.vocab_size} tokens"
         )
-    hf_config = arch.to_hf(args, vocab)
+    hf_config = arch.to_hf(config, vocab)
     tensors, folder = read_checkpoint(ckpt_dir)
     hf_tensors = arch.to_hf_tensors(
-        tensors, expected_shapes(args), dims_for(args, vocab), source=str(folder)
+        tensors, expected_shapes(config), dims_for(config, vocab), source=str(folder)
     )
     torch_dtype = DTYPES[dtype] if dtype else next(iter(tensors.values())).dtype
     hf_tensors = {name: t.to(torch_dtype) for name, t in hf_tensors.items()}
@@ -68,9 +65,9 @@ def convert_neox_to_hf(
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         write_hf_weights(staging, hf_tensors, int(max_shard_gb * 2**30))
-        note, special_ids = write_tokenizer(staging, args, tokenizer.eod)
+        note, special_ids = write_tokenizer(staging, keys, tokenizer.eod)
         write_hf_config(staging, arch, {**hf_config, **special_ids}, torch_dtype)
-        _write_generation_config(staging, args, special_ids)
+        _write_generation_config(staging, keys, special_ids)
         staging.chmod(0o755)
         os.replace(staging, output)
     except BaseException:
@@ -79,11 +76,11 @@ def convert_neox_to_hf(
     return output, note
 
 
-def _write_generation_config(folder: Path, args, special_ids: dict[str, int]) -> None:
+def _write_generation_config(folder: Path, keys, special_ids: dict[str, int]) -> None:
     """The source model's generation_config.json when the tokenizer came from a Hugging Face
     folder that has one (it may name chat stop tokens), else one from the special tokens."""
-    if str(args.tokenizer_type).lower() == "hftokenizer":
-        source = Path(args.vocab_file).parent / "generation_config.json"
+    if str(keys.tokenizer_type).lower() == "hftokenizer":
+        source = Path(keys.vocab_file).parent / "generation_config.json"
         if source.is_file():
             shutil.copyfile(source, folder / "generation_config.json")
             return

@@ -17,19 +17,11 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from megatron.checkpoint import (
-    METADATA_FILE,
-    MODEL_FILE,
-    OPTIMIZER_FILE,
-    CheckpointError,
-    read_metadata,
-    resolve_checkpoint,
-)
+from megatron.checkpoint import METADATA_FILE, CheckpointError, resolve_checkpoint
+from megatron.checkpoint.format import TENSOR_KINDS, tensor_files
+from megatron.checkpoint.reader import Checkpoint, TensorFiles
 from megatron.cli import exit_status
-
-TENSOR_FILES = (MODEL_FILE, OPTIMIZER_FILE)
 
 
 def checkpoint_folder(path: str) -> Path:
@@ -40,22 +32,22 @@ def checkpoint_folder(path: str) -> Path:
     return resolve_checkpoint(path)
 
 
-def _open(path: Path):
-    try:
-        return safe_open(path, framework="pt")
-    except Exception as err:  # safetensors raises its own error types for corrupt files
-        raise CheckpointError(f"cannot read {path}: {err}") from err
+def tensor_kinds(checkpoint: Checkpoint) -> dict[str, TensorFiles]:
+    """The model and (when saved) optimizer tensors, by the name of their file(s)."""
+    kinds = {}
+    for kind in TENSOR_KINDS:
+        files = tensor_files(checkpoint.metadata, kind)
+        if all((checkpoint.folder / name).is_file() for name in files):
+            label = files[0] if len(files) == 1 else f"{kind} ({len(files)} files)"
+            kinds[label] = checkpoint.model if kind == "model" else checkpoint.optimizer
+    return kinds
 
 
-def _files(folder: Path) -> list[Path]:
-    return [folder / name for name in TENSOR_FILES if (folder / name).is_file()]
-
-
-def describe(folder: Path, tensors: bool) -> list[str]:
-    metadata = read_metadata(folder)
+def describe(checkpoint: Checkpoint, tensors: bool) -> list[str]:
+    metadata = checkpoint.metadata
     layout = metadata.get("layout", {})
     lines = [
-        f"checkpoint {folder}",
+        f"checkpoint {checkpoint.folder}",
         f"  iteration {metadata['iteration']}"
         + (" (weights only)" if metadata.get("weights_only") else ""),
         "  layout " + ", ".join(f"{key} {value}" for key, value in layout.items()),
@@ -63,14 +55,13 @@ def describe(folder: Path, tensors: bool) -> list[str]:
         f"states {metadata.get('optimizer_state_keys')}",
         f"  train state {json.dumps(metadata.get('train_state', {}))}",
     ]
-    for path in _files(folder):
-        handle = _open(path)
-        names = list(handle.keys())
-        count = sum(_numel(handle, name) for name in names)
-        lines.append(f"  {path.name}: {len(names)} tensors, {count:,} values")
+    for label, files in tensor_kinds(checkpoint).items():
+        names = files.keys()
+        count = sum(_numel(files.shapes[name]) for name in names)
+        lines.append(f"  {label}: {len(names)} tensors, {count:,} values")
         if tensors:
             for name in names:
-                value = handle.get_tensor(name)
+                value = files.get(name)
                 norm = value.float().norm().item()
                 shape = "x".join(map(str, value.shape))
                 dtype = str(value.dtype).removeprefix("torch.")
@@ -78,35 +69,36 @@ def describe(folder: Path, tensors: bool) -> list[str]:
     return lines
 
 
-def _numel(handle, name: str) -> int:
+def _numel(shape: tuple[int, ...]) -> int:
     count = 1
-    for size in handle.get_slice(name).get_shape():
+    for size in shape:
         count *= size
     return count
 
 
-def diff(folder: Path, other: Path) -> tuple[list[str], bool]:
+def diff(checkpoint: Checkpoint, other: Checkpoint) -> tuple[list[str], bool]:
     """Lines describing the differences, and whether the checkpoints hold equal tensors."""
-    lines = [f"diff {folder} -> {other}"]
+    lines = [f"diff {checkpoint.folder} -> {other.folder}"]
     same = True
-    for filename in TENSOR_FILES:
-        a_path, b_path = folder / filename, other / filename
-        if not a_path.is_file() and not b_path.is_file():
+    ours, theirs = tensor_kinds(checkpoint), tensor_kinds(other)
+    for kind in TENSOR_KINDS:
+        a = next((files for label, files in ours.items() if label.startswith(kind)), None)
+        b = next((files for label, files in theirs.items() if label.startswith(kind)), None)
+        if a is None and b is None:
             continue
-        if not (a_path.is_file() and b_path.is_file()):
-            lines.append(f"  {filename}: only in {folder if a_path.is_file() else other}")
+        if a is None or b is None:
+            lines.append(f"  {kind}: only in {checkpoint.folder if b is None else other.folder}")
             same = False
             continue
-        a, b = _open(a_path), _open(b_path)
         a_names, b_names = set(a.keys()), set(b.keys())
-        lines.append(f"  {filename}:")
+        lines.append(f"  {kind}:")
         for name in sorted(a_names - b_names):
-            lines.append(f"    missing in {other.name}: {name}")
+            lines.append(f"    missing in {other.folder.name}: {name}")
         for name in sorted(b_names - a_names):
-            lines.append(f"    extra in {other.name}: {name}")
+            lines.append(f"    extra in {other.folder.name}: {name}")
         same &= a_names == b_names
         for name in sorted(a_names & b_names):
-            x, y = a.get_tensor(name), b.get_tensor(name)
+            x, y = a.get(name), b.get(name)
             if x.shape != y.shape:
                 lines.append(f"    {name}: shape {list(x.shape)} vs {list(y.shape)}")
                 same = False
@@ -125,10 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def work() -> int | None:
-        folder = checkpoint_folder(args.checkpoint)
-        lines = describe(folder, args.tensors)
+        checkpoint = Checkpoint(checkpoint_folder(args.checkpoint))
+        lines = describe(checkpoint, args.tensors)
         if args.diff:
-            diff_lines, same = diff(folder, checkpoint_folder(args.diff))
+            diff_lines, same = diff(checkpoint, Checkpoint(checkpoint_folder(args.diff)))
             lines += diff_lines
             lines.append("tensors are identical" if same else "tensors differ")
         print("\n".join(lines))

@@ -1,0 +1,165 @@
+"""The checkpoint package in one process: pieces map to the right boxes of the full tensors,
+checkpoints of format version 1 still load, asynchronous saves publish only finished
+checkpoints and a crash while writing leaves the previous `latest` loadable."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from megatron.checkpoint import read_metadata, resolve_checkpoint
+from megatron.checkpoint.boxes import (
+    TensorParallelSlice,
+    fragment_boxes,
+    parse_piece_key,
+    piece_key,
+)
+from megatron.checkpoint.load import load_checkpoint
+from megatron.checkpoint.reader import open_checkpoint
+from megatron.checkpoint.save import CheckpointSaver
+from megatron.learning_rates import build_lr_scheduler
+from megatron.model import GPTModel, ModelConfig
+from megatron.mpu.layers import split_partition
+
+pytestmark = pytest.mark.timeout(300)
+REPO = Path(__file__).resolve().parents[1]
+FORMAT_1 = REPO / "tests" / "data" / "checkpoint_v1"
+
+
+def test_fragments_map_to_the_full_tensors_boxes():
+    """Any flat range of any rank's tensor-parallel slice (strided, reordered, any dim) is
+    the union of the boxes fragment_boxes names, with the full tensor's values there."""
+    rng = random.Random(0)
+    for _ in range(300):
+        dims = rng.choice([1, 2, 3])
+        world, stride, dim = rng.choice([1, 2, 4]), rng.choice([1, 2, 3]), rng.randrange(dims)
+        shape = [rng.randint(1, 5) for _ in range(dims)]
+        shape[dim] = world * stride * rng.randint(1, 3)
+        full = torch.arange(torch.Size(shape).numel()).reshape(shape)
+        order = torch.randperm(shape[dim]) if rng.random() < 0.3 else None
+        rank = rng.randrange(world)
+        local = split_partition(full, dim, world, rank, stride, order).reshape(-1)
+        layout = TensorParallelSlice.of_rank(tuple(shape), dim, world, rank, stride, order)
+        start = rng.randint(0, local.numel())
+        end = rng.randint(start, local.numel())
+        fragment = local[start:end].clone()
+        placements = fragment_boxes(layout, start, end)
+        assert sum(p.box.numel for p in placements) == end - start
+        for placement in placements:
+            box = placement.box
+            index = tuple(slice(o, o + n) for o, n in zip(box.offsets, box.lengths))
+            assert torch.equal(placement.view(fragment), full[index])
+            assert parse_piece_key(piece_key("w", box, tuple(shape)), box.lengths) == ("w", box)
+
+
+def build(config_file: Path):
+    """The model, AdamW and schedule a checkpoint's saved config describes."""
+    from megatron.conversion.strata_io import model_args
+
+    args = model_args([config_file])
+    args.train_iters, args.lr = 10, 0.001
+    model = GPTModel(ModelConfig.from_neox(args))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return args, model, optimizer, build_lr_scheduler(args, optimizer)
+
+
+def test_a_format_1_checkpoint_loads():
+    """tests/data/checkpoint_v1 was written by format 1 (one file per kind, one writer):
+    weights, Adam moments, step and schedule come back as saved."""
+    folder = FORMAT_1 / "global_step3"
+    assert read_metadata(folder)["format_version"] == 1
+    args, model, optimizer, scheduler = build(folder / "configs" / "model.yml")
+    args.load = str(FORMAT_1)
+    metadata = load_checkpoint(args, model, optimizer, scheduler)
+    assert metadata["iteration"] == 3
+    weights = load_file(folder / "model.safetensors")
+    moments = load_file(folder / "optimizer.safetensors")
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), weights[name]), name
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(optimizer.state[p][key], moments[f"{name}.{key}"]), name
+        assert int(optimizer.state[p]["step"]) == 3
+    assert scheduler.num_iters == 3
+
+
+def trained(tmp_path: Path, asynchronous: bool):
+    args, model, optimizer, scheduler = build(FORMAT_1 / "global_step3" / "configs" / "model.yml")
+    args.save = str(tmp_path)
+    args.async_save = asynchronous
+    args.config_files = {}
+    for _ in range(2):
+        loss = model(torch.randint(0, 256, (2, 16))).float().logsumexp(-1).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return args, model, optimizer, scheduler
+
+
+def test_async_save_writes_what_a_synchronous_save_writes(tmp_path):
+    torch.manual_seed(0)
+    args, model, optimizer, scheduler = trained(tmp_path / "async", asynchronous=True)
+    saved = {name: p.detach().clone() for name, p in model.named_parameters()}
+    saver = CheckpointSaver(args)
+    saver.save(2, model, optimizer, scheduler, {"iteration": 2})
+    with torch.no_grad():  # training goes on: the snapshot must not follow
+        for p in model.parameters():
+            p.add_(1.0)
+    saver.wait()
+    assert resolve_checkpoint(args.save).name == "global_step2"
+    assert not list(Path(args.save).glob(".*.tmp"))
+    written = open_checkpoint(args.save).model
+    for name, value in saved.items():
+        assert torch.equal(written.get(name), value), name
+
+
+CRASH = textwrap.dedent(
+    """
+    import os, signal, sys
+    import torch
+    sys.path.insert(0, {tests!r})
+    from test_checkpoint_format import trained
+    from pathlib import Path
+    from megatron import safetensors_stream
+    from megatron.checkpoint.save import CheckpointSaver
+
+    torch.manual_seed(0)
+    args, model, optimizer, scheduler = trained(Path({save!r}), asynchronous=True)
+    saver = CheckpointSaver(args)
+    saver.save(1, model, optimizer, scheduler, {{"iteration": 1}})
+    saver.wait()
+    write = safetensors_stream.StreamingSafetensorsWriter.write
+
+    def write_then_die(self, name, tensor):
+        write(self, name, tensor)
+        os.kill(os.getpid(), signal.SIGKILL)  # the writer thread dies mid-file, as on a crash
+
+    safetensors_stream.StreamingSafetensorsWriter.write = write_then_die
+    saver.save(2, model, optimizer, scheduler, {{"iteration": 2}})
+    saver.wait()
+    """
+)
+
+
+def test_a_crash_during_an_async_save_leaves_the_previous_checkpoint(tmp_path):
+    save = tmp_path / "ckpt"
+    script = CRASH.format(tests=str(REPO / "tests"), save=str(save))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True)
+    assert result.returncode == -9, result.stderr.decode()[-2000:]
+    assert (save / "latest").read_text() == "global_step1"
+    assert (save / ".global_step2.tmp").is_dir() and not (save / "global_step2").exists()
+    args, model, optimizer, scheduler = build(FORMAT_1 / "global_step3" / "configs" / "model.yml")
+    args.load = str(save)
+    assert load_checkpoint(args, model, optimizer, scheduler)["iteration"] == 1
+    # The next save clears what the crash left behind.
+    args.save, args.config_files = str(save), {}
+    CheckpointSaver(args).save(3, model, optimizer, scheduler, {"iteration": 3})
+    assert sorted(p.name for p in save.iterdir()) == ["global_step1", "global_step3", "latest"]
