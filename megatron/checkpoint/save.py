@@ -91,8 +91,13 @@ class Snapshot:
     world: int
     pieces: dict[str, Pieces]
     rng: dict
+    metadata: dict | None = None  # rank 0's, with the config files it writes
+    config_files: dict[str, str] = field(default_factory=dict)
 
     def write(self) -> None:
+        if self.metadata is not None:
+            atomic_write_json(self.folder / METADATA_FILE, self.metadata)
+            _write_configs(self.folder, self.config_files)
         for kind in TENSOR_KINDS:
             path = self.folder / shard_files(kind, self.world)[self.rank]
             entries = [(key, t.dtype, tuple(t.shape)) for key, t in self.pieces[kind]]
@@ -197,9 +202,10 @@ class CheckpointSaver:
             [(name, p.dtype, tensor_parallel_slice(p).full_shape) for name, p in named]
         )
         snapshot = take_snapshot(tmp, module, view, self.buffers if self.asynchronous else None)
-        if _rank() == 0:
+        if _rank() == 0:  # written with the pieces (in the background when asynchronous)
             shapes = {name: list(shape) for name, _, shape in entries}
-            metadata = {
+            snapshot.config_files = getattr(self.args, "config_files", None) or {}
+            snapshot.metadata = {
                 "format_version": FORMAT_VERSION,
                 "iteration": iteration,
                 "optimizer_step": view.get_step(),
@@ -212,8 +218,6 @@ class CheckpointSaver:
                 "layout": _layout(self.args),
                 "files": {kind: shard_files(kind, _world()) for kind in TENSOR_KINDS},
             }
-            atomic_write_json(tmp / METADATA_FILE, metadata)
-            _write_configs(tmp, getattr(self.args, "config_files", None) or {})
         if self.asynchronous:
             pending = _Pending(iteration, tmp)
             pending.thread = threading.Thread(
