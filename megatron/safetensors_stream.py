@@ -9,6 +9,7 @@ peak extra memory is one tensor, and the result is an ordinary safetensors file 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -31,7 +32,8 @@ DTYPE_CODES = {
 
 
 class StreamingSafetensorsWriter:
-    """`write()` each entry of `entries` ((name, dtype, shape), in that order), then `close()`."""
+    """`write()` each entry of `entries` ((name, dtype, shape), in that order), then `close()`;
+    `sha256` is then the file's digest, computed as it was written."""
 
     def __init__(
         self,
@@ -55,9 +57,14 @@ class StreamingSafetensorsWriter:
             offset += size
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+        self.digest = hashlib.sha256()
         self.handle = open(self.tmp, "wb")
-        self.handle.write(struct.pack("<Q", len(encoded)))
-        self.handle.write(encoded)
+        self._emit(struct.pack("<Q", len(encoded)))
+        self._emit(encoded)
+
+    def _emit(self, data) -> None:
+        self.handle.write(data)
+        self.digest.update(data)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self.position >= len(self.expected):
@@ -69,7 +76,7 @@ class StreamingSafetensorsWriter:
                 f"{list(shape)}, got {name} {tensor.dtype} {list(tensor.shape)}"
             )
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        self.handle.write(memoryview(data.numpy()))
+        self._emit(memoryview(data.numpy()))
         self.position += 1
 
     def close(self) -> None:
@@ -81,6 +88,7 @@ class StreamingSafetensorsWriter:
         os.fsync(self.handle.fileno())  # on disk before anything can point at it
         self.handle.close()
         os.replace(self.tmp, self.path)
+        self.sha256 = self.digest.hexdigest()
 
     def abort(self) -> None:
         self.handle.close()

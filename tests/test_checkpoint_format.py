@@ -1,21 +1,24 @@
 """The checkpoint package in one process: pieces map to the right boxes of the full tensors,
 checkpoints of format version 1 still load, asynchronous saves publish only finished
-checkpoints and a crash while writing leaves the previous `latest` loadable."""
+checkpoints, a crash or a full disk while writing leaves the previous `latest` loadable, and a
+changed file fails the load (sha256)."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron.checkpoint import read_metadata, resolve_checkpoint
+from megatron.checkpoint import CheckpointError, read_metadata, resolve_checkpoint
 from megatron.checkpoint.boxes import (
     TensorParallelSlice,
     fragment_boxes,
@@ -163,3 +166,115 @@ def test_a_crash_during_an_async_save_leaves_the_previous_checkpoint(tmp_path):
     args.save, args.config_files = str(save), {}
     CheckpointSaver(args).save(3, model, optimizer, scheduler, {"iteration": 3})
     assert sorted(p.name for p in save.iterdir()) == ["global_step1", "global_step3", "latest"]
+
+
+SAVE_TWICE = textwrap.dedent(
+    """
+    import json, os, resource, signal, sys
+    import torch
+    sys.path.insert(0, {tests!r})
+    from test_checkpoint_format import trained
+    from pathlib import Path
+    from megatron import safetensors_stream
+    from megatron.checkpoint import save as save_module
+
+    torch.manual_seed(0)
+    args, model, optimizer, scheduler = trained(Path({save!r}), asynchronous={asynchronous})
+    saver = save_module.CheckpointSaver(args)
+    saver.save(1, model, optimizer, scheduler, {{"iteration": 1}})
+    saver.wait()
+    events = 0
+
+    def counted(function):  # every file-system step of a save is an event
+        def call(*args, **kwargs):
+            global events
+            events += 1
+            if events == {kill_at}:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return function(*args, **kwargs)
+        return call
+
+    writer = safetensors_stream.StreamingSafetensorsWriter
+    writer.write, writer.close = counted(writer.write), counted(writer.close)
+    for name in ("_write_bytes", "atomic_write_json", "atomic_write_text"):
+        setattr(save_module, name, counted(getattr(save_module, name)))
+    os.replace = counted(os.replace)
+    if {file_size_limit}:
+        resource.setrlimit(resource.RLIMIT_FSIZE, ({file_size_limit}, {file_size_limit}))
+    saver.save(2, model, optimizer, scheduler, {{"iteration": 2}})
+    saver.wait()
+    print(json.dumps({{"events": events}}))
+    """
+)
+
+
+def save_twice(save: Path, kill_at: int = 0, file_size_limit: int = 0, asynchronous=False):
+    """A process that saves checkpoints 1 and 2, killed before file-system step `kill_at` of
+    the second save, or with files limited to `file_size_limit` bytes during it."""
+    script = SAVE_TWICE.format(
+        tests=str(REPO / "tests"),
+        save=str(save),
+        asynchronous=asynchronous,
+        kill_at=kill_at,
+        file_size_limit=file_size_limit,
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+
+
+def loaded_iteration(save: Path) -> int:
+    """Load `latest` (sha256 checked) into a fresh model."""
+    args, model, optimizer, scheduler = build(FORMAT_1 / "global_step3" / "configs" / "model.yml")
+    args.load = str(save)
+    return load_checkpoint(args, model, optimizer, scheduler)["iteration"]
+
+
+def test_latest_always_loads_wherever_a_save_is_killed(tmp_path):
+    """SIGKILL before each of 20+ file-system steps spread over a save (tensor writes, file
+    closes, RNG file, metadata, the rename, `latest`): `latest` always names a checkpoint that
+    loads (sha256 checked): the previous one, until `latest` itself is written."""
+    probe = save_twice(tmp_path / "probe")
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    events = json.loads(probe.stdout.splitlines()[-1])["events"]
+    positions = sorted({1 + round(i * (events - 1) / 21) for i in range(22)})
+    assert len(positions) >= 20
+
+    def killed(position: int) -> int:
+        save = tmp_path / f"killed{position}"
+        result = save_twice(save, kill_at=position)
+        assert result.returncode == -9, result.stderr[-2000:]
+        return loaded_iteration(save)
+
+    with ThreadPoolExecutor(2) as pool:
+        iterations = list(pool.map(killed, positions))
+    assert iterations == [1] * len(positions)
+    # The last step is `latest` itself: the new checkpoint was complete, renamed into place.
+    assert (tmp_path / f"killed{events}" / "global_step2" / "metadata.json").is_file()
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(tmp_path, asynchronous):
+    """Files capped below the optimizer file's size (as a full disk would stop them): a clear
+    error naming what failed, no partial folder, `latest` still the previous checkpoint."""
+    save = tmp_path / "ckpt"
+    limit = (FORMAT_1 / "global_step3" / "optimizer.safetensors").stat().st_size // 2
+    result = save_twice(save, file_size_limit=limit, asynchronous=asynchronous)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "save: could not write global_step2" in result.stderr
+    assert "File too large" in result.stderr and "still names global_step1" in result.stderr
+    assert sorted(p.name for p in save.iterdir()) == ["global_step1", "latest"]
+    assert loaded_iteration(save) == 1
+
+
+def test_a_changed_file_fails_the_load(tmp_path):
+    torch.manual_seed(0)
+    args, model, optimizer, scheduler = trained(tmp_path / "ckpt", asynchronous=False)
+    CheckpointSaver(args).save(2, model, optimizer, scheduler, {"iteration": 2})
+    recorded = read_metadata(tmp_path / "ckpt" / "global_step2")["sha256"]
+    assert {"model.safetensors", "optimizer.safetensors", "rng/rank0.pt"} <= recorded.keys()
+    optimizer_file = tmp_path / "ckpt" / "global_step2" / "optimizer.safetensors"
+    data = bytearray(optimizer_file.read_bytes())
+    data[-1] ^= 1  # one bit of the last moment
+    optimizer_file.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="optimizer.safetensors does not have the sha256"):
+        loaded_iteration(tmp_path / "ckpt")

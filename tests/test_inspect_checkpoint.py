@@ -84,3 +84,15 @@ def test_bad_metadata_is_an_error(ckpt):
     (ckpt / "global_step5" / "metadata.json").write_text(json.dumps({"format_version": 99}))
     result = run_tool(TOOL, str(ckpt), check=False)
     assert result.returncode == 1 and "format_version 99" in result.stderr
+
+
+def test_verify_checks_every_files_sha256(ckpt):
+    out = run_tool(TOOL, str(ckpt), "--verify").stdout
+    assert "verified: 1 files match their sha256" in out
+    model = ckpt / "global_step5" / "model.safetensors"
+    data = bytearray(model.read_bytes())
+    data[-1] ^= 1
+    model.write_bytes(bytes(data))
+    result = run_tool(TOOL, str(ckpt), "--verify", check=False)
+    assert result.returncode == 1
+    assert "model.safetensors does not have the sha256" in result.stderr

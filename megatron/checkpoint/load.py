@@ -11,6 +11,7 @@ import torch.distributed as dist
 from megatron import mpu
 from megatron.checkpoint.boxes import TensorParallelSlice, fragment_boxes
 from megatron.checkpoint.format import EMBEDDING, CheckpointError, resolve_checkpoint
+from megatron.checkpoint.integrity import checksum_problems
 from megatron.checkpoint.optimizer_state import MASTER, OptimizerView
 from megatron.checkpoint.parameters import (
     canonical_named_parameters,
@@ -101,6 +102,15 @@ def load_checkpoint(
     if load_rng and not rng_file.is_file():
         raise CheckpointError(f"load: {rng_file} is missing")
 
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if getattr(args, "verify_checkpoint", True):
+        problems = checksum_problems(folder, metadata, rank, world)
+        if world > 1:  # each rank checked some files: every rank raises the same error
+            gathered = [None] * world
+            dist.all_gather_object(gathered, problems)
+            problems = [problem for found in gathered for problem in found]
+        if problems:
+            raise CheckpointError("load: " + "; ".join(problems))
     weights = checkpoint.model
     check_shapes({name: shape for name, _, shape in entries}, weights.shapes, folder)
     optim = checkpoint.optimizer if load_optimizer else None

@@ -9,11 +9,14 @@ process has left its marker in the temporary folder's ``.done/``.
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import os
 import re
 import shutil
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,9 +31,11 @@ from megatron.checkpoint.format import (
     METADATA_FILE,
     MODEL_FILE,
     TENSOR_KINDS,
+    CheckpointError,
     shard_files,
     tag_for,
 )
+from megatron.checkpoint.integrity import file_sha256
 from megatron.checkpoint.optimizer_state import MASTER, OptimizerView
 from megatron.checkpoint.parameters import (
     canonical_named_parameters,
@@ -91,17 +96,14 @@ class Snapshot:
     world: int
     pieces: dict[str, Pieces]
     rng: dict
-    metadata: dict | None = None  # rank 0's, with the config files it writes
-    config_files: dict[str, str] = field(default_factory=dict)
 
-    def write(self) -> None:
-        if self.metadata is not None:
-            atomic_write_json(self.folder / METADATA_FILE, self.metadata)
-            _write_configs(self.folder, self.config_files)
+    def write(self) -> dict[str, str]:
+        """Write this process's files; their sha256 by path in the checkpoint folder."""
+        digests = {}
         for kind in TENSOR_KINDS:
-            path = self.folder / shard_files(kind, self.world)[self.rank]
+            name = shard_files(kind, self.world)[self.rank]
             entries = [(key, t.dtype, tuple(t.shape)) for key, t in self.pieces[kind]]
-            writer = StreamingSafetensorsWriter(path, entries, {"format": "strata"})
+            writer = StreamingSafetensorsWriter(self.folder / name, entries, {"format": "strata"})
             try:
                 for key, values in self.pieces[kind]:
                     writer.write(key, values)
@@ -109,7 +111,29 @@ class Snapshot:
                 writer.abort()
                 raise
             writer.close()
-        torch.save(self.rng, self.folder / "rng" / f"rank{self.rank}.pt")
+            digests[name] = writer.sha256
+        buffer = io.BytesIO()
+        torch.save(self.rng, buffer)
+        rng_file = f"rng/rank{self.rank}.pt"
+        digests[rng_file] = _write_bytes(self.folder / rng_file, buffer.getvalue())
+        return digests
+
+
+def _write_bytes(path: Path, data: bytes) -> str:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return hashlib.sha256(data).hexdigest()
+
+
+def _attempt(work) -> tuple[object, str | None]:
+    """(result, None), or (None, what went wrong) when the file system refuses (a full disk,
+    a file size limit, permissions)."""
+    try:
+        return work(), None
+    except OSError as err:
+        return None, f"{getattr(err, 'filename', None) or ''}: {err.strerror or err}".lstrip(": ")
 
 
 def take_snapshot(
@@ -151,26 +175,36 @@ def _layout(args) -> dict:
 
 @dataclass
 class _Pending:
-    """An asynchronous save in flight."""
+    """An asynchronous save in flight: its writer thread leaves `.done/rank{R}` holding its
+    files' digests, or `.done/rank{R}.error` saying why it could not."""
 
     iteration: int
     folder: Path
+    metadata: dict | None
     thread: threading.Thread | None = None
-    errors: list[BaseException] = field(default_factory=list)
-    published: bool = False
+    error: BaseException | None = None  # not a file-system refusal: a bug, raised as is
+    finished: bool = False  # published or given up (rank 0)
 
     def write(self, snapshot: Snapshot) -> None:
         try:
-            snapshot.write()
-            atomic_write_text(snapshot.folder / DONE / f"rank{snapshot.rank}", "")
-        except BaseException as err:  # reported to the training thread by poll / wait
-            self.errors.append(err)
+            digests, refusal = _attempt(snapshot.write)
+            marker = self.folder / DONE / f"rank{snapshot.rank}"
+            if refusal is None:
+                atomic_write_json(marker, digests)
+            else:
+                marker.with_suffix(".error").write_text(refusal)
+        except BaseException as err:
+            self.error = err
 
 
 class CheckpointSaver:
     """Saves into ``args.save``; all ranks call ``save`` together. With ``args.async_save``,
     call ``poll`` once per step (rank 0 publishes a finished checkpoint) and ``wait`` before
-    the process ends."""
+    the process ends.
+
+    A file system that refuses a write (full, or a file size limit) fails the save on every
+    rank with one CheckpointError naming the file; the partial folder is removed and `latest`
+    still names the previous checkpoint."""
 
     def __init__(self, args) -> None:
         self.args = args
@@ -202,10 +236,10 @@ class CheckpointSaver:
             [(name, p.dtype, tensor_parallel_slice(p).full_shape) for name, p in named]
         )
         snapshot = take_snapshot(tmp, module, view, self.buffers if self.asynchronous else None)
-        if _rank() == 0:  # written with the pieces (in the background when asynchronous)
+        metadata = None
+        if _rank() == 0:  # written last, with every file's digest
             shapes = {name: list(shape) for name, _, shape in entries}
-            snapshot.config_files = getattr(self.args, "config_files", None) or {}
-            snapshot.metadata = {
+            metadata = {
                 "format_version": FORMAT_VERSION,
                 "iteration": iteration,
                 "optimizer_step": view.get_step(),
@@ -219,50 +253,111 @@ class CheckpointSaver:
                 "files": {kind: shard_files(kind, _world()) for kind in TENSOR_KINDS},
             }
         if self.asynchronous:
-            pending = _Pending(iteration, tmp)
+            pending = _Pending(iteration, tmp, metadata)
             pending.thread = threading.Thread(
                 target=pending.write, args=(snapshot,), name="checkpoint-writer"
             )
             pending.thread.start()
             self.pending = pending
         else:
-            snapshot.write()
-            _barrier()
-            if _rank() == 0:
-                self._publish(iteration, tmp)
-            _barrier()
+            digests, refusal = _attempt(snapshot.write)
+            outcomes = _all_gather((digests, refusal))
+            refusals = [(r, why) for r, (_, why) in enumerate(outcomes) if why]
+            if not refusals and _rank() == 0:
+                merged = {name: d for files, _ in outcomes for name, d in files.items()}
+                _, why = _attempt(lambda: self._publish(iteration, tmp, metadata, merged))
+                refusals = [(0, why)] if why else []
+            self._raise_if_refused(iteration, tmp, _broadcast(refusals))
         return self.save_dir / tag_for(iteration)
 
     def poll(self) -> None:
-        """Publish a finished asynchronous save (rank 0); raise a writer's error."""
+        """Publish a finished asynchronous save (rank 0); raise a writer's bug."""
         pending = self.pending
         if pending is None:
             return
-        if pending.errors:
-            raise pending.errors[0]
-        if _rank() == 0 and not pending.published:
-            if len(os.listdir(pending.folder / DONE)) == _world():
-                self._publish(pending.iteration, pending.folder)
-                pending.published = True
+        if pending.error is not None:
+            raise pending.error
+        if _rank() == 0 and not pending.finished:
+            markers = os.listdir(pending.folder / DONE)
+            if any(name.endswith(".error") for name in markers):
+                pending.finished = True  # wait() reports it on every rank
+            elif len(markers) == _world():
+                self._publish_pending(pending)
 
     def wait(self) -> None:
-        """Finish the asynchronous save in flight (a collective)."""
+        """Finish the asynchronous save in flight (a collective); a refused write raises here,
+        on every rank."""
         pending = self.pending
         if pending is None:
             return
-        pending.thread.join()
-        if pending.errors:
-            raise pending.errors[0]
-        _barrier()
-        if _rank() == 0 and not pending.published:
-            self._publish(pending.iteration, pending.folder)
-        _barrier()
         self.pending = None
+        pending.thread.join()
+        if pending.error is not None:
+            raise pending.error
+        _barrier()
+        refusals = []
+        if _rank() == 0:
+            done = pending.folder / DONE
+            refusals = [
+                (int(path.stem.removeprefix("rank")), path.read_text())
+                for path in sorted(done.glob("rank*.error"))
+            ]
+            if not refusals and not pending.finished:
+                _, why = _attempt(lambda: self._publish_pending(pending))
+                refusals = [(0, why)] if why else []
+        self._raise_if_refused(pending.iteration, pending.folder, _broadcast(refusals))
 
-    def _publish(self, iteration: int, tmp: Path) -> None:
+    def _publish_pending(self, pending: _Pending) -> None:
+        digests = {}
+        for marker in (pending.folder / DONE).glob("rank*"):
+            digests.update(json.loads(marker.read_text()))
+        self._publish(pending.iteration, pending.folder, pending.metadata, digests)
+        pending.finished = True
+
+    def _publish(self, iteration: int, tmp: Path, metadata: dict, digests: dict) -> None:
+        """Rank 0: the config files and metadata (with every file's sha256), then the rename
+        and `latest`."""
         shutil.rmtree(tmp / DONE, ignore_errors=True)
+        digests.update(_write_configs(tmp, getattr(self.args, "config_files", None) or {}))
+        atomic_write_json(
+            tmp / METADATA_FILE, {**metadata, "sha256": dict(sorted(digests.items()))}
+        )
         publish(self.save_dir, tmp, iteration)
         _prune(self.save_dir, getattr(self.args, "keep_last_n_checkpoints", None))
+
+    def _raise_if_refused(self, iteration: int, tmp: Path, refusals: list) -> None:
+        """Every rank raises the same error when a write was refused; rank 0 removes the
+        partial folder first."""
+        if not refusals:
+            _barrier()
+            return
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier()
+        latest = self.save_dir / "latest"
+        previous = latest.read_text().strip() if latest.is_file() else "no checkpoint"
+        rank, why = refusals[0]
+        raise CheckpointError(
+            f"save: could not write {tag_for(iteration)} in {self.save_dir} (rank {rank}: "
+            f"{why}); the partial checkpoint was removed and `latest` still names {previous}"
+        )
+
+
+def _all_gather(value) -> list:
+    if not dist.is_initialized():
+        return [value]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def _broadcast(value):
+    """Rank 0's `value` on every rank."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def save_checkpoint(
@@ -279,10 +374,14 @@ def save_checkpoint(
     return saver.save(iteration, module, optimizer, scheduler, train_state)
 
 
-def _write_configs(folder: Path, config_files: dict[str, str]) -> None:
-    (folder / "configs").mkdir()
+def _write_configs(folder: Path, config_files: dict[str, str]) -> dict[str, str]:
+    """The run's config files under configs/; their sha256 by path in the folder."""
+    (folder / "configs").mkdir(exist_ok=True)
+    digests = {}
     for filename, text in config_files.items():
-        (folder / "configs" / Path(filename).name).write_text(text)
+        name = f"configs/{Path(filename).name}"
+        digests[name] = _write_bytes(folder / name, text.encode())
+    return digests
 
 
 def publish(save_dir: Path, tmp: Path, iteration: int) -> Path:
@@ -329,8 +428,9 @@ def save_weights_checkpoint(
         },
         "files": {"model": [MODEL_FILE]},
     }
-    atomic_write_json(tmp / METADATA_FILE, metadata)
-    _write_configs(tmp, config_files or {})
+    digests = _write_configs(tmp, config_files or {})
+    digests[MODEL_FILE] = file_sha256(tmp / MODEL_FILE)
+    atomic_write_json(tmp / METADATA_FILE, {**metadata, "sha256": dict(sorted(digests.items()))})
     return publish(save_dir, tmp, iteration)
 
 

@@ -98,6 +98,11 @@ class NeoXArgsTraining:
     train_epochs: int | None = arg(None, "Number of epochs (instead of train_iters).")
     eval_iters: int = arg(100, "Iterations per evaluation run.")
     keep_last_n_checkpoints: int | None = arg(None, "Delete all but the newest N checkpoints.")
+    verify_checkpoint: bool = arg(
+        True,
+        "Check the sha256 of every file of the checkpoint `load` names before loading it (the "
+        "files are shared out over the ranks); false skips that extra read.",
+    )
     async_save: bool = arg(
         False,
         "Copy each checkpoint to CPU memory and write it in a background thread while training "

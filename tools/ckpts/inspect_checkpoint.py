@@ -1,12 +1,14 @@
 """Show what a Strata checkpoint holds, or how two checkpoints differ.
 
-    python tools/ckpts/inspect_checkpoint.py CKPT [--tensors] [--diff OTHER]
+    python tools/ckpts/inspect_checkpoint.py CKPT [--tensors] [--diff OTHER] [--verify]
 
 CKPT (and OTHER) is a save folder (its `latest` names the checkpoint) or one `global_step{N}`
 folder. Prints the layout that saved it (world, tensor/pipe/data-parallel sizes, ZeRO stage),
 the iteration and the files' tensor counts; --tensors lists every tensor's name, shape, dtype
 and L2 norm; --diff lists, per tensor present in both, the largest absolute difference, and the
-names only one side has. Tensors are read one at a time, so any model size fits in memory.
+names only one side has; --verify checks every file against the sha256 metadata.json records
+(exit status 1 when one differs). Tensors are read one at a time, so any model size fits in
+memory.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from megatron.checkpoint import METADATA_FILE, CheckpointError, resolve_checkpoint
+from megatron.checkpoint import METADATA_FILE, CheckpointError, read_metadata, resolve_checkpoint
 from megatron.checkpoint.format import TENSOR_KINDS, tensor_files
+from megatron.checkpoint.integrity import checksum_problems
 from megatron.checkpoint.reader import Checkpoint, TensorFiles
 from megatron.cli import exit_status
 
@@ -109,15 +112,31 @@ def diff(checkpoint: Checkpoint, other: Checkpoint) -> tuple[list[str], bool]:
     return lines, same
 
 
+def verify(folder: Path) -> None:
+    """Print how many files match their recorded sha256; a CheckpointError when one does not."""
+    metadata = read_metadata(folder)
+    recorded = metadata.get("sha256")
+    if not recorded:
+        raise CheckpointError(f"{folder}: metadata.json records no sha256 (an older checkpoint)")
+    problems = checksum_problems(folder, metadata)
+    if problems:
+        raise CheckpointError("\n".join(problems))
+    print(f"verified: {len(recorded)} files match their sha256")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="save folder (holding `latest`) or a global_step folder")
     parser.add_argument("--tensors", action="store_true", help="list every tensor with its norm")
     parser.add_argument("--diff", metavar="OTHER", help="compare with another checkpoint")
+    parser.add_argument("--verify", action="store_true", help="check every file's sha256")
     args = parser.parse_args(argv)
 
     def work() -> int | None:
-        checkpoint = Checkpoint(checkpoint_folder(args.checkpoint))
+        folder = checkpoint_folder(args.checkpoint)
+        if args.verify:
+            verify(folder)
+        checkpoint = Checkpoint(folder)
         lines = describe(checkpoint, args.tensors)
         if args.diff:
             diff_lines, same = diff(checkpoint, Checkpoint(checkpoint_folder(args.diff)))
