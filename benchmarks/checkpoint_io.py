@@ -6,14 +6,18 @@ torch.distributed.checkpoint (DCP) saving the same state, in the same run.
 Four gloo processes build GPTModel (bf16; ~380M parameters at the defaults: 8 layers, hidden
 1536, untied GPT-2-sized vocabulary) under DeepSpeed ZeRO-1 with AdamW, its fp32 master and
 moments created: 5.3 GB of checkpoint. (Four processes holding a 1B model's weights, master,
-moments and an asynchronous snapshot need more than this 24 GiB machine has.) Per layout and round (the two sides alternate which goes first):
+moments and an asynchronous snapshot need more than this 24 GiB machine has.) Per layout and
+round (the two sides alternate which goes first):
 
-    strata_save    save_checkpoint: each process writes its pieces (model, master, moments)
+    strata_save    save_checkpoint: each process writes its pieces (model, master, moments),
+                   hashing them (sha256) as it writes
     strata_async   CheckpointSaver with async_save (one for the run, as in training): the
                    stall (until training could go on) and the time until it is published
     dcp_save       dcp.save of the same tensors: each rank's tensor-parallel weights (replicated
                    over data-parallel ranks: DCP writes them once) and its ZeRO fragments
-    strata_load    load_checkpoint into the same model and optimizer
+    strata_load    load_checkpoint into the same model and optimizer, every file's sha256
+                   checked first (shared over the ranks)
+    strata_load_unverified   the same with verify_checkpoint false (DCP checks no digest)
     dcp_load       dcp.load of the same tensors, in place
 
 Times are rank 0's between barriers (the job's time); memory is the largest growth of any
@@ -45,7 +49,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.init import free_port, model_config  # noqa: E402
 
 LAYOUTS = {"dp4": (1, 4), "tp2_dp2": (2, 2)}  # name -> (tensor parallel, data parallel)
-OPERATIONS = ("strata_save", "strata_async", "dcp_save", "strata_load", "dcp_load")
+OPERATIONS = (
+    "strata_save",
+    "strata_async",
+    "dcp_save",
+    "strata_load",
+    "strata_load_unverified",
+    "dcp_load",
+)
 
 
 class PeakRSS:
@@ -192,6 +203,11 @@ def worker(rank, world, port, tp, dp, layers, hidden, rounds, scratch, out):
         def strata_load():
             load_checkpoint(args, module, optimizer, None)
 
+        def strata_load_unverified():
+            load_checkpoint(
+                SimpleNamespace(**vars(args), verify_checkpoint=False), module, optimizer, None
+            )
+
         def dcp_load():
             dcp.load(state, checkpoint_id=str(dcp_dir))
 
@@ -200,6 +216,7 @@ def worker(rank, world, port, tp, dp, layers, hidden, rounds, scratch, out):
             strata_async=strata_async,
             dcp_save=dcp_save,
             strata_load=strata_load,
+            strata_load_unverified=strata_load_unverified,
             dcp_load=dcp_load,
         )
         records = []
@@ -208,6 +225,7 @@ def worker(rank, world, port, tp, dp, layers, hidden, rounds, scratch, out):
             pairs = [("strata_save", "dcp_save"), ("strata_load", "dcp_load")]
             order = [op for pair in pairs for op in (pair if round_ % 2 == 0 else pair[::-1])]
             order.insert(2, "strata_async")
+            order.append("strata_load_unverified")
             record = {}
             for op in order:
                 dist.barrier()
@@ -289,6 +307,9 @@ def summarise(result: dict, world: int) -> dict:
     summary["ratios"] = {
         "save_strata_over_dcp": round(median("strata_save", "s") / median("dcp_save", "s"), 3),
         "load_strata_over_dcp": round(median("strata_load", "s") / median("dcp_load", "s"), 3),
+        "load_unverified_strata_over_dcp": round(
+            median("strata_load_unverified", "s") / median("dcp_load", "s"), 3
+        ),
         "async_stall_over_sync_save": round(
             median("strata_async", "stall_s") / median("strata_save", "s"), 3
         ),
