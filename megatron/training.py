@@ -57,7 +57,7 @@ class Trainer:
     def __init__(self, args):
         self.args = args
         if args.load:
-            resolve_checkpoint(args.load)  # a bad `load` fails before any expensive setup
+            resolve_checkpoint(args.load, args.iteration)  # a bad `load` fails before any setup
         initialize_megatron(args)
         self.device = device()
         self.tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file)

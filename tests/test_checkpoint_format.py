@@ -278,3 +278,31 @@ def test_a_changed_file_fails_the_load(tmp_path):
     optimizer_file.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="optimizer.safetensors does not have the sha256"):
         loaded_iteration(tmp_path / "ckpt")
+
+
+def test_no_save_optim_no_save_rng_and_iteration(tmp_path):
+    """NeoX's keys: a checkpoint saved without optimizer state and RNG holds neither and says
+    how to load it; `iteration` loads that step instead of `latest`'s."""
+    torch.manual_seed(0)
+    args, model, optimizer, scheduler = trained(tmp_path / "ckpt", asynchronous=False)
+    args.no_save_optim = args.no_save_rng = True
+    CheckpointSaver(args).save(1, model, optimizer, scheduler, {"iteration": 1})
+    args.no_save_optim = args.no_save_rng = False
+    CheckpointSaver(args).save(2, model, optimizer, scheduler, {"iteration": 2})
+    first = tmp_path / "ckpt" / "global_step1"
+    names = sorted(p.name for p in first.iterdir())
+    assert names == ["configs", "metadata.json", "model.safetensors", "rng"]
+    assert not any((first / "rng").iterdir())
+
+    args, model, optimizer, scheduler = build(FORMAT_1 / "global_step3" / "configs" / "model.yml")
+    args.load, args.iteration = str(tmp_path / "ckpt"), 1
+    with pytest.raises(CheckpointError, match="no optimizer state .* no_load_optim: true"):
+        load_checkpoint(args, model, optimizer, scheduler)
+    assert (
+        load_checkpoint(args, model, optimizer, scheduler, load_optimizer=False)["iteration"] == 1
+    )
+    args.iteration = 2
+    assert load_checkpoint(args, model, optimizer, scheduler)["iteration"] == 2
+    args.iteration = 7
+    with pytest.raises(CheckpointError, match=r"no checkpoint of iteration 7 \(saved: 1, 2\)"):
+        load_checkpoint(args, model, optimizer, scheduler)

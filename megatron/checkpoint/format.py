@@ -49,32 +49,49 @@ def shard_files(kind: str, world_size: int) -> list[str]:
 
 
 def tensor_files(metadata: dict, kind: str) -> list[str]:
-    """The files of `kind` a checkpoint's metadata lists (version 1: one file)."""
-    return (metadata.get("files") or {}).get(kind) or shard_files(kind, 1)
+    """The files of `kind` a checkpoint's metadata lists (none for an optimizer not saved;
+    version 1: one file)."""
+    if "files" in metadata:
+        return metadata["files"].get(kind, [])
+    return shard_files(kind, 1)
 
 
-def resolve_checkpoint(load: str) -> Path:
-    """The folder `{load}/latest` names, checked to be complete; a clear error otherwise."""
+def resolve_checkpoint(load: str, iteration: int | None = None) -> Path:
+    """The folder `{load}/latest` names (or `global_step{iteration}`, NeoX's `iteration`
+    key), checked to be complete; a clear error otherwise."""
     load_dir = Path(load)
     if not load_dir.is_dir():
         raise CheckpointError(f"load: checkpoint directory {load_dir} does not exist")
-    latest = load_dir / "latest"
-    if not latest.is_file():
-        raise CheckpointError(
-            f"load: {load_dir} has no 'latest' file naming a checkpoint "
-            "(expected {load}/latest holding a tag such as global_step1000)"
-        )
-    tag = latest.read_text().strip()
-    folder = load_dir / tag
+    if iteration is not None:
+        folder, named_by = load_dir / tag_for(iteration), f"iteration {iteration}"
+        if not folder.is_dir():
+            saved = sorted(
+                int(path.name.removeprefix("global_step"))
+                for path in load_dir.glob("global_step*")
+                if path.name.removeprefix("global_step").isdigit()
+            )
+            raise CheckpointError(
+                f"load: {load_dir} has no checkpoint of iteration {iteration} (saved: "
+                f"{', '.join(map(str, saved)) or 'none'})"
+            )
+    else:
+        latest = load_dir / "latest"
+        if not latest.is_file():
+            raise CheckpointError(
+                f"load: {load_dir} has no 'latest' file naming a checkpoint "
+                "(expected {load}/latest holding a tag such as global_step1000)"
+            )
+        folder, named_by = load_dir / latest.read_text().strip(), str(latest)
     if not (folder / METADATA_FILE).is_file():
         raise CheckpointError(
-            f"load: checkpoint {folder} (named by {latest}) is incomplete: {METADATA_FILE} is "
+            f"load: checkpoint {folder} (named by {named_by}) is incomplete: {METADATA_FILE} is "
             "missing"
         )
     for required in tensor_files(read_metadata(folder), "model"):
         if not (folder / required).is_file():
             raise CheckpointError(
-                f"load: checkpoint {folder} (named by {latest}) is incomplete: {required} is missing"
+                f"load: checkpoint {folder} (named by {named_by}) is incomplete: {required} is "
+                "missing"
             )
     return folder
 

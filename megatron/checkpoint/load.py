@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from megatron import mpu
 from megatron.checkpoint.boxes import TensorParallelSlice, fragment_boxes
-from megatron.checkpoint.format import EMBEDDING, CheckpointError, resolve_checkpoint
+from megatron.checkpoint.format import EMBEDDING, CheckpointError, resolve_checkpoint, tensor_files
 from megatron.checkpoint.integrity import checksum_problems
 from megatron.checkpoint.optimizer_state import MASTER, OptimizerView
 from megatron.checkpoint.parameters import (
@@ -80,7 +80,7 @@ def load_checkpoint(
     """Load `{args.load}/latest` into the model (and optimizer, scheduler, RNG), whatever layout
     saved it. Returns the metadata, whose `iteration` and `train_state` the caller resumes
     from. Every file is checked before anything is set."""
-    folder = resolve_checkpoint(args.load)
+    folder = resolve_checkpoint(args.load, getattr(args, "iteration", None))
     checkpoint = Checkpoint(folder)
     metadata = checkpoint.metadata
     named = canonical_named_parameters(module)
@@ -94,11 +94,17 @@ def load_checkpoint(
             f"load: {folder} holds model weights only (no optimizer state); load it with "
             "finetune: true (or no_load_optim: true)"
         )
+    if load_optimizer and not tensor_files(metadata, "optimizer"):
+        raise CheckpointError(
+            f"load: {folder} holds no optimizer state (saved with no_save_optim: true); load it "
+            "with no_load_optim: true (or finetune: true)"
+        )
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng_file = folder / "rng" / f"rank{rank}.pt"
     if not rng_file.is_file():
         rng_file = folder / "rng" / "rank0.pt"  # a larger world than the one that saved
-    load_rng = load_rng and optimizer is not None and not weights_only
+    # Checkpoints saved with no_save_rng leave the RNG as this run seeded it.
+    load_rng = load_rng and optimizer is not None and metadata.get("rng", not weights_only)
     if load_rng and not rng_file.is_file():
         raise CheckpointError(f"load: {rng_file} is missing")
 

@@ -30,7 +30,6 @@ from megatron.checkpoint.format import (
     FORMAT_VERSION,
     METADATA_FILE,
     MODEL_FILE,
-    TENSOR_KINDS,
     CheckpointError,
     shard_files,
     tag_for,
@@ -94,13 +93,13 @@ class Snapshot:
     folder: Path
     rank: int
     world: int
-    pieces: dict[str, Pieces]
-    rng: dict
+    pieces: dict[str, Pieces]  # by kind of tensor file: "model", and "optimizer" if saved
+    rng: dict | None  # None: not saved (no_save_rng)
 
     def write(self) -> dict[str, str]:
         """Write this process's files; their sha256 by path in the checkpoint folder."""
         digests = {}
-        for kind in TENSOR_KINDS:
+        for kind in self.pieces:
             name = shard_files(kind, self.world)[self.rank]
             entries = [(key, t.dtype, tuple(t.shape)) for key, t in self.pieces[kind]]
             writer = StreamingSafetensorsWriter(self.folder / name, entries, {"format": "strata"})
@@ -112,10 +111,11 @@ class Snapshot:
                 raise
             writer.close()
             digests[name] = writer.sha256
-        buffer = io.BytesIO()
-        torch.save(self.rng, buffer)
-        rng_file = f"rng/rank{self.rank}.pt"
-        digests[rng_file] = _write_bytes(self.folder / rng_file, buffer.getvalue())
+        if self.rng is not None:
+            buffer = io.BytesIO()
+            torch.save(self.rng, buffer)
+            rng_file = f"rng/rank{self.rank}.pt"
+            digests[rng_file] = _write_bytes(self.folder / rng_file, buffer.getvalue())
         return digests
 
 
@@ -141,12 +141,15 @@ def take_snapshot(
     module: torch.nn.Module,
     view: OptimizerView,
     buffers: dict[str, torch.Tensor] | None = None,
+    optimizer_state: bool = True,
+    rng: bool = True,
 ) -> Snapshot:
-    """This process's pieces: the weights and optimizer states it alone holds (views of the
-    live tensors, or copies in CPU ``buffers``)."""
+    """This process's pieces: the weights and (unless ``optimizer_state`` is false) optimizer
+    states it alone holds, as views of the live tensors or copies in CPU ``buffers``; its RNG
+    states unless ``rng`` is false."""
     named = canonical_named_parameters(module, replicas=False)
     store_master = any(p.dtype != torch.float32 for _, p in named)
-    suffixes = ([MASTER] if store_master else []) + view.state_keys()
+    suffixes = ([MASTER] if store_master else []) + view.state_keys() if optimizer_state else []
     model: Pieces = []
     optimizer: Pieces = []
     for name, p in named:
@@ -158,9 +161,8 @@ def take_snapshot(
             held = view.fragment(p, key)
             if held is not None:
                 optimizer += _boxed(f"{name}.{key}", layout, *held, buffers)
-    return Snapshot(
-        folder, _rank(), _world(), {"model": model, "optimizer": optimizer}, mpu.get_rng_state()
-    )
+    pieces = {"model": model, "optimizer": optimizer} if optimizer_state else {"model": model}
+    return Snapshot(folder, _rank(), _world(), pieces, mpu.get_rng_state() if rng else None)
 
 
 def _layout(args) -> dict:
@@ -235,7 +237,14 @@ class CheckpointSaver:
         entries = model_entries(
             [(name, p.dtype, tensor_parallel_slice(p).full_shape) for name, p in named]
         )
-        snapshot = take_snapshot(tmp, module, view, self.buffers if self.asynchronous else None)
+        snapshot = take_snapshot(
+            tmp,
+            module,
+            view,
+            self.buffers if self.asynchronous else None,
+            optimizer_state=not getattr(self.args, "no_save_optim", False),
+            rng=not getattr(self.args, "no_save_rng", False),
+        )
         metadata = None
         if _rank() == 0:  # written last, with every file's digest
             shapes = {name: list(shape) for name, _, shape in entries}
@@ -243,14 +252,15 @@ class CheckpointSaver:
                 "format_version": FORMAT_VERSION,
                 "iteration": iteration,
                 "optimizer_step": view.get_step(),
-                "optimizer_state_keys": view.state_keys(),
+                "optimizer_state_keys": view.state_keys() if "optimizer" in snapshot.pieces else [],
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "train_state": train_state,
                 "shapes": shapes,
                 "padded_vocab_size": shapes[EMBEDDING][0],
                 "dtype": str(entries[0][1]).replace("torch.", ""),
                 "layout": _layout(self.args),
-                "files": {kind: shard_files(kind, _world()) for kind in TENSOR_KINDS},
+                "files": {kind: shard_files(kind, _world()) for kind in snapshot.pieces},
+                "rng": snapshot.rng is not None,
             }
         if self.asynchronous:
             pending = _Pending(iteration, tmp, metadata)

@@ -359,7 +359,7 @@ def derive_vocab(args: Any) -> None:
         ) from None
     tp = max(args.model_parallel_size, 1)
     padded = pad_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by, tp)
-    folder, recorded = _checkpoint_vocab(args.load)
+    folder, recorded = _checkpoint_vocab(args.load, args.iteration)
     if recorded is not None and recorded != padded:
         # The padding belongs to the model, not to the layout it was trained in.
         if recorded < tokenizer.vocab_size or recorded % tp:
@@ -376,9 +376,9 @@ def derive_vocab(args: Any) -> None:
     args.padded_vocab_size = padded
 
 
-def _checkpoint_vocab(load: str | None) -> tuple[Any, int | None]:
-    """(folder, padded vocabulary) of the checkpoint `load` names; (None, None) when there is
-    none to read (the run reports a bad `load` itself)."""
+def _checkpoint_vocab(load: str | None, iteration: int | None) -> tuple[Any, int | None]:
+    """(folder, padded vocabulary) of the checkpoint `load` (and `iteration`) names; (None,
+    None) when there is none to read (the run reports a bad `load` itself)."""
     from megatron.checkpoint import (
         CheckpointError,
         padded_vocab_size,
@@ -389,7 +389,7 @@ def _checkpoint_vocab(load: str | None) -> tuple[Any, int | None]:
     if not load:
         return None, None
     try:
-        folder = resolve_checkpoint(load)
+        folder = resolve_checkpoint(load, iteration)
         return folder, padded_vocab_size(read_metadata(folder))
     except CheckpointError:
         return None, None

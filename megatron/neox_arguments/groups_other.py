@@ -167,7 +167,9 @@ class NeoXArgsOther:
     deepspeed_mpi: bool = arg(False, "Discover ranks from the MPI environment.")
     deepspeed_slurm: bool = arg(False, "Discover ranks from the Slurm environment.")
     user_script: str | None = arg(None, "Script the launcher runs (set by deepy.py).", DERIVED)
-    iteration: int | None = arg(None, "Checkpoint iteration to load for eval/generate.")
+    iteration: int | None = arg(
+        None, "Load global_step{iteration} of `load` instead of the checkpoint `latest` names."
+    )
     do_train: bool | None = arg(None, "Set during training.", DERIVED)
     do_valid: bool | None = arg(None, "Set during training.", DERIVED)
     do_test: bool | None = arg(None, "Set during training.", DERIVED)

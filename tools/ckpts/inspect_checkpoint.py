@@ -40,7 +40,7 @@ def tensor_kinds(checkpoint: Checkpoint) -> dict[str, TensorFiles]:
     kinds = {}
     for kind in TENSOR_KINDS:
         files = tensor_files(checkpoint.metadata, kind)
-        if all((checkpoint.folder / name).is_file() for name in files):
+        if files and all((checkpoint.folder / name).is_file() for name in files):
             label = files[0] if len(files) == 1 else f"{kind} ({len(files)} files)"
             kinds[label] = checkpoint.model if kind == "model" else checkpoint.optimizer
     return kinds
