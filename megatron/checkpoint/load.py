@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -67,6 +68,16 @@ def read_fragment(
     for placement in fragment_boxes(layout, start, start + target.numel()):
         files.read(name, placement.box, out=placement.view(values))
     target.copy_(values.view(target.shape))
+
+
+def read_rng_state(path: Path, format_version: int) -> dict:
+    """A rank's RNG states, unpickling nothing but tensors and plain values; format 1 stored
+    NumPy's state as an array, so only NumPy's array types are allowed in addition."""
+    if format_version > 1:
+        return torch.load(path, weights_only=True)
+    numpy_arrays = [np.dtype, np.dtypes.UInt32DType, np.ndarray, np._core.multiarray._reconstruct]
+    with torch.serialization.safe_globals(numpy_arrays):
+        return torch.load(path, weights_only=True)
 
 
 def load_checkpoint(
@@ -161,5 +172,5 @@ def load_checkpoint(
         if scheduler is not None and metadata.get("scheduler"):
             scheduler.load_state_dict(metadata["scheduler"])
     if load_rng:
-        mpu.set_rng_state(torch.load(rng_file, weights_only=False))
+        mpu.set_rng_state(read_rng_state(rng_file, metadata["format_version"]))
     return metadata

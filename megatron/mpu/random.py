@@ -105,10 +105,11 @@ def model_parallel_seed(seed: int) -> None:
 
 def get_rng_state() -> dict[str, Any]:
     """Python, NumPy, torch CPU, (when present) CUDA and the tracker's generator states, as a
-    picklable dict."""
+    dict of tensors, numbers and strings: `torch.load(..., weights_only=True)` reads it back."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss),
         "torch": torch.get_rng_state(),
         "tracker": _TRACKER.get_states(),
     }
@@ -123,7 +124,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if missing:
         raise ValueError(f"RNG state lacks {sorted(missing)}; expected a get_rng_state() dict")
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    if isinstance(keys, torch.Tensor):  # states saved before were NumPy's own tuple
+        keys = keys.numpy().astype(np.uint32)
+    np.random.set_state((name, keys, *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
