@@ -135,9 +135,10 @@ def test_append_eod_adds_an_unlabelled_end_of_document(tmp_path, smollm2_hf, tok
         read(f"{prefix}_messages_document"),
         read(f"{prefix}_messages_label_document"),
     )
-    # Strata's HFTokenizer uses <|endoftext|> as EOD for this vocabulary.
+    # As Strata's HFTokenizer: the tokenizer's configured eos_token (tokenizer_config.json).
     assert ids[:-1].tolist() == template_ids(tokenizer, CONVERSATIONS[1])
-    assert tokenizer.decode([int(ids[-1])]) == "<|endoftext|>" and label[-1] == -100
+    assert tokenizer.decode([int(ids[-1])]) == tokenizer.eos_token == "<|im_end|>"
+    assert label[-1] == -100
     assert labelled_runs(tokenizer, label) == ["Paris" + END]
 
 

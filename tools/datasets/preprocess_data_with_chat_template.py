@@ -45,7 +45,7 @@ from megatron.data.indexed_dataset import (
     data_file_path,
     index_file_path,
 )
-from megatron.tokenizer.hf import EOD_CANDIDATES
+from megatron.tokenizer.hf import EOD_CANDIDATES, configured_eod
 from tools.datasets.preprocess_data import make_tasks, output_prefix
 from tools.datasets.readers import PreprocessError, location, resolve_inputs
 from tools.datasets.worker_pool import ordered_map
@@ -193,9 +193,13 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
-def eod_id(tokenizer: Any) -> int | None:
-    """The EOD token Strata's HFTokenizer picks from the same vocabulary, else the EOS token."""
+def eod_id(tokenizer: Any, folder: str | None = None) -> int | None:
+    """The EOD token Strata's HFTokenizer picks for the same folder (the configured end of
+    sequence, else a known name), else the tokenizer's EOS token."""
     vocab = tokenizer.get_vocab()
+    configured = configured_eod(folder, vocab.get) if folder is not None else None
+    if configured is not None:
+        return configured[0]
     found = next((vocab[t] for t in EOD_CANDIDATES if t in vocab), None)
     return found if found is not None else tokenizer.eos_token_id
 
@@ -216,7 +220,7 @@ class ChatEncoder:
         self.options = options
         self.tokenizer = load_tokenizer(options.tokenizer_path, options.trust_remote_code)
         self.special = special_ids(self.tokenizer)
-        self.eod = eod_id(self.tokenizer)
+        self.eod = eod_id(self.tokenizer, options.tokenizer_path)
         if options.append_eod and self.eod is None:
             raise PreprocessError(
                 f"--append-eod: the tokenizer in {options.tokenizer_path} has no EOD/EOS token"
