@@ -557,3 +557,32 @@ def test_command_line_tools_exit_1_with_an_error_line(tmp_path, converted):
     assert result.returncode == 1 and "error: " in result.stderr, result.stderr
     assert "does not exist" in result.stderr
     assert folder_listing(tmp_path) == ["bad"]
+
+
+def test_neox_to_hf_exports_the_chosen_iteration(tmp_path, converted, capsys):
+    """`--iteration N` (or the config's NeoX `iteration` key) exports global_step{N} instead of
+    the step `latest` names; a step that is not there is an error naming the ones that are."""
+    hf, source = converted
+    ckpt = tmp_path / "ckpt"
+    step0 = load_file(source / "global_step0" / "model.safetensors")
+    config_text = (source / "config.yml").read_text()
+    save_weights_checkpoint(ckpt, step0, {"config.yml": config_text}, iteration=0)
+    save_weights_checkpoint(ckpt, {n: t * 2 for n, t in step0.items()}, None, iteration=5)
+    assert (ckpt / "latest").read_text().strip() == "global_step5"
+    config = source / "config.yml"
+    name = "model.layers.0.mlp.up_proj.weight"
+    original = hf_weights(hf)[name]
+
+    out, _ = convert_neox_to_hf(ckpt, [config], tmp_path / "latest")
+    assert torch.equal(hf_weights(out)[name], original * 2)
+    out, _ = convert_neox_to_hf(ckpt, [config], tmp_path / "flag", iteration=0)
+    assert torch.equal(hf_weights(out)[name], original)
+    with_key = write_config(tmp_path / "inputs" / "iteration.yml", {"iteration": 0})
+    out, _ = convert_neox_to_hf(ckpt, [config, with_key], tmp_path / "key")
+    assert torch.equal(hf_weights(out)[name], original)
+
+    argv = ["--input", str(ckpt), "--config", str(config), "--output", str(tmp_path / "no")]
+    assert neox_to_hf_main([*argv, "--iteration", "3"]) == 1
+    err = capsys.readouterr().err
+    assert "iteration 3" in err and "global_step0, global_step5" in err, err
+    assert not (tmp_path / "no").exists()
