@@ -611,9 +611,9 @@ def test_a_rule_registered_by_a_module_is_applied(dataset: str) -> None:
 def test_credential_names_are_told_by_words_and_values_by_type() -> None:
     from megatron.neox_arguments.redact import REDACTED, is_credential_name, redact_values
 
-    for name in ("wandb_api_key", "HF_TOKEN", "apiKey", "secret", "db-password", "token"):
+    for name in ("wandb_api_key", "HF_TOKEN", "apiKey", "secret", "db-password", "api_keys"):
         assert is_credential_name(name), name
-    for name in ("num_kv_heads", "tokenizer_type", "maximum_tokens", "keys", "keyword"):
+    for name in ("num_kv_heads", "tokenizer_type", "maximum_tokens", "special_tokens", "keyword"):
         assert not is_credential_name(name), name
     values = {"key_size": 64, "api_key": "abc", "x": [{"token": "t"}], "token_dropping": True}
     assert redact_values(values) == {

@@ -1,9 +1,9 @@
 """Credentials kept out of printed and saved configs.
 
 A key "looks like a credential" when one of the words of its name (split at `_`, `-`, `.`,
-spaces and camelCase) is token, key, secret, password (or passwd, apikey, credential(s)), and
-its value is a string: `wandb_api_key: abc` and `hf_token: abc` are redacted,
-`num_kv_heads: 8`, `key_size: 64` and `tokenizer_type: HFTokenizer` are not.
+spaces and camelCase) is token, key(s), secret(s), password(s) (or passwd, apikey,
+credential(s)), and its value is a string: `wandb_api_key: abc` and `hf_token: abc` are
+redacted, `num_kv_heads: 8`, `key_size: 64` and `tokenizer_type: HFTokenizer` are not.
 """
 
 from __future__ import annotations
@@ -13,7 +13,10 @@ from typing import Any
 
 REDACTED = "<redacted>"
 CREDENTIAL_WORDS = frozenset(
-    {"token", "key", "secret", "password", "passwd", "apikey", "credential", "credentials"}
+    {
+        *("token", "key", "keys", "secret", "secrets", "password", "passwords"),
+        *("passwd", "apikey", "credential", "credentials"),
+    }
 )
 _WORD_SPLIT = re.compile(r"[^A-Za-z0-9]+|(?<=[a-z0-9])(?=[A-Z])")
 
