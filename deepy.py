@@ -18,6 +18,7 @@ import sys
 
 from megatron.config import ConfigError, NeoXArgs
 from megatron.neox_arguments.launch import LaunchPlan, build_launch
+from megatron.neox_arguments.redact import redact_values
 from megatron.neox_arguments.schema import FIELDS
 from megatron.neox_arguments.validation import is_default
 
@@ -68,12 +69,15 @@ def _config_path(name: str, conf_dir: str | None) -> str:
 
 
 def resolved_config(args: NeoXArgs) -> dict[str, object]:
-    """Keys that differ from NeoX's defaults (config_files left out: they are the input)."""
-    return {
-        key: value
-        for key, value in args.values().items()
-        if key != "config_files" and not is_default(value, FIELDS[key].default)
-    }
+    """Keys that differ from NeoX's defaults (config_files left out: they are the input),
+    credential-looking values redacted."""
+    return redact_values(
+        {
+            key: value
+            for key, value in args.values().items()
+            if key != "config_files" and not is_default(value, FIELDS[key].default)
+        }
+    )
 
 
 def print_dry_run(args: NeoXArgs, plan: LaunchPlan) -> None:

@@ -142,7 +142,10 @@ def load_strata(hf_dir: Path, scratch: Path, dtype: torch.dtype) -> tuple[GPTMod
 def load_hf(hf_dir: Path, dtype: torch.dtype) -> Any:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).eval()
+    # The folder is the one this benchmark exported: no code of its own to run.
+    model = AutoModelForCausalLM.from_pretrained(
+        hf_dir, dtype=dtype, trust_remote_code=False
+    ).eval()
     model.generation_config.eos_token_id = None  # decode exactly --new-tokens, as Strata does
     return model
 

@@ -44,6 +44,17 @@ def device_peak_flops() -> float | None:
     return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
 
 
+def wandb_config(args) -> dict | None:
+    """The run's config as W&B stores it: every key except the config files' text, credential
+    values redacted, no environment variables."""
+    from megatron.neox_arguments.redact import redact_values
+
+    if not hasattr(args, "values"):
+        return None
+    values = {k: v for k, v in args.values().items() if k != "config_files"}
+    return json.loads(json.dumps(redact_values(values), default=str))
+
+
 class MetricsLogger:
     """Writes a metrics dict to every configured sink."""
 
@@ -70,7 +81,7 @@ class MetricsLogger:
                 group=args.wandb_group,
                 entity=args.wandb_team,
                 dir=args.log_dir,
-                config=args.to_dict() if hasattr(args, "to_dict") else None,
+                config=wandb_config(args),
             )
 
     def log(self, metrics: dict) -> None:

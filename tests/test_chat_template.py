@@ -135,9 +135,10 @@ def test_append_eod_adds_an_unlabelled_end_of_document(tmp_path, smollm2_hf, tok
         read(f"{prefix}_messages_document"),
         read(f"{prefix}_messages_label_document"),
     )
-    # Strata's HFTokenizer uses <|endoftext|> as EOD for this vocabulary.
+    # As Strata's HFTokenizer: the tokenizer's configured eos_token (tokenizer_config.json).
     assert ids[:-1].tolist() == template_ids(tokenizer, CONVERSATIONS[1])
-    assert tokenizer.decode([int(ids[-1])]) == "<|endoftext|>" and label[-1] == -100
+    assert tokenizer.decode([int(ids[-1])]) == tokenizer.eos_token == "<|im_end|>"
+    assert label[-1] == -100
     assert labelled_runs(tokenizer, label) == ["Paris" + END]
 
 
@@ -293,3 +294,24 @@ def test_sft_loss_covers_only_the_assistant_tokens(tmp_path, smollm2_hf, tokeniz
     assert (targets[mask] == batch["text"][:, 1:][mask]).all()
     logits = model(batch["text"][:, :-1]).float()
     torch.testing.assert_close(loss, F.cross_entropy(logits[mask], targets[mask]))
+
+
+def test_tokenizer_code_runs_only_with_trust_remote_code(tmp_path):
+    """A tokenizer folder that ships Python (auto_map) is refused unless the user passes
+    --trust-remote-code, and its code never runs."""
+    from tools.datasets.preprocess_data_with_chat_template import PreprocessError, load_tokenizer
+
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    marker = tmp_path / "code_ran"
+    (folder / "mytok.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "from transformers import PreTrainedTokenizerFast\n"
+        "class MyTokenizer(PreTrainedTokenizerFast):\n    pass\n"
+    )
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"auto_map": {"AutoTokenizer": [None, "mytok.MyTokenizer"]}})
+    )
+    with pytest.raises(PreprocessError, match="trust_remote_code"):
+        load_tokenizer(str(folder))
+    assert not marker.exists()

@@ -606,3 +606,44 @@ def test_a_rule_registered_by_a_module_is_applied(dataset: str) -> None:
             NeoXArgs.from_dict(small_config(dataset, num_layers=3))
     finally:
         del RULES["test: even layers"]
+
+
+def test_credential_names_are_told_by_words_and_values_by_type() -> None:
+    from megatron.neox_arguments.redact import REDACTED, is_credential_name, redact_values
+
+    for name in ("wandb_api_key", "HF_TOKEN", "apiKey", "secret", "db-password", "api_keys"):
+        assert is_credential_name(name), name
+    for name in ("num_kv_heads", "tokenizer_type", "maximum_tokens", "special_tokens", "keyword"):
+        assert not is_credential_name(name), name
+    values = {"key_size": 64, "api_key": "abc", "x": [{"token": "t"}], "token_dropping": True}
+    assert redact_values(values) == {
+        "key_size": 64,
+        "api_key": REDACTED,
+        "x": [{"token": REDACTED}],
+        "token_dropping": True,
+    }
+
+
+def test_config_texts_and_launch_json_redact_credentials(tmp_path: Path, dataset: str) -> None:
+    """The stored file texts (checkpoint configs/) keep comments and layout; the JSON passed
+    to every process carries no secret either."""
+    from megatron.neox_arguments.redact import redacted_config_files
+
+    path = tmp_path / "run.yml"
+    path.write_text(
+        write_config_text(small_config(dataset))
+        + "comet_others:\n  api_key: s3cr3t-value  # mine\n  key_size: 64\n"
+    )
+    args = NeoXArgs.from_ymls([path])
+    text = args.config_files["run.yml"]
+    assert "s3cr3t-value" not in text
+    assert "  api_key: <redacted>  # mine\n  key_size: 64\n" in text
+    assert redacted_config_files(args) == args.config_files
+    assert "s3cr3t-value" not in args.to_json()
+    assert NeoXArgs.from_json(args.to_json()).comet_others["key_size"] == 64
+
+
+def write_config_text(values: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(values, sort_keys=False)

@@ -227,6 +227,35 @@ def test_config_out_and_generated_keys(tmp_path):
     assert (ckpt / "global_step0" / "configs" / "config.yml").is_file()
 
 
+def test_folder_without_tokenizer_converts_weights_and_config(tmp_path, capsys):
+    """A training run's export (weights and config.json only): converted, tokenizer left to
+    set, and a line says so."""
+    make_hf(tmp_path / "hf", "llama_gqa_untied")
+    reference = convert_hf_to_neox(tmp_path / "hf", tmp_path / "reference")
+    (tmp_path / "tok").mkdir()
+    tokenizer = (tmp_path / "hf" / "tokenizer.json").rename(tmp_path / "tok" / "tokenizer.json")
+    capsys.readouterr()
+    code = hf_to_neox_main(["--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ckpt")])
+    out = capsys.readouterr().out
+    assert code == 0 and "has no tokenizer.json" in out and "tokenizer is left to set" in out
+    ckpt = tmp_path / "ckpt"
+    text = (ckpt / "config.yml").read_text()
+    values = yaml.safe_load(text)
+    assert "tokenizer_type" not in values and "vocab_file" not in values
+    assert "set tokenizer_type and vocab_file" in text
+    want = load_file(reference / "global_step0" / "model.safetensors")
+    got = load_file(ckpt / "global_step0" / "model.safetensors")
+    assert sorted(got) == sorted(want) and all(torch.equal(got[n], want[n]) for n in want)
+    # With the tokenizer set, the checkpoint loads and gives transformers' logits.
+    values.update(tokenizer_type="HFTokenizer", vocab_file=str(tokenizer))
+    model = strata_model(ckpt, Path(write_config(tmp_path / "model.yml", values)))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(tokens())[..., :VOCAB], hf(tokens()).logits, atol=1e-5, rtol=1e-5
+        )
+
+
 def test_conversion_builds_the_model_from_its_keys_alone(tmp_path, monkeypatch):
     """Neither converter builds a training config (NeoXArgs): the model is a ModelConfig read
     from the model and tokenizer keys."""
@@ -528,3 +557,32 @@ def test_command_line_tools_exit_1_with_an_error_line(tmp_path, converted):
     assert result.returncode == 1 and "error: " in result.stderr, result.stderr
     assert "does not exist" in result.stderr
     assert folder_listing(tmp_path) == ["bad"]
+
+
+def test_neox_to_hf_exports_the_chosen_iteration(tmp_path, converted, capsys):
+    """`--iteration N` (or the config's NeoX `iteration` key) exports global_step{N} instead of
+    the step `latest` names; a step that is not there is an error naming the ones that are."""
+    hf, source = converted
+    ckpt = tmp_path / "ckpt"
+    step0 = load_file(source / "global_step0" / "model.safetensors")
+    config_text = (source / "config.yml").read_text()
+    save_weights_checkpoint(ckpt, step0, {"config.yml": config_text}, iteration=0)
+    save_weights_checkpoint(ckpt, {n: t * 2 for n, t in step0.items()}, None, iteration=5)
+    assert (ckpt / "latest").read_text().strip() == "global_step5"
+    config = source / "config.yml"
+    name = "model.layers.0.mlp.up_proj.weight"
+    original = hf_weights(hf)[name]
+
+    out, _ = convert_neox_to_hf(ckpt, [config], tmp_path / "latest")
+    assert torch.equal(hf_weights(out)[name], original * 2)
+    out, _ = convert_neox_to_hf(ckpt, [config], tmp_path / "flag", iteration=0)
+    assert torch.equal(hf_weights(out)[name], original)
+    with_key = write_config(tmp_path / "inputs" / "iteration.yml", {"iteration": 0})
+    out, _ = convert_neox_to_hf(ckpt, [config, with_key], tmp_path / "key")
+    assert torch.equal(hf_weights(out)[name], original)
+
+    argv = ["--input", str(ckpt), "--config", str(config), "--output", str(tmp_path / "no")]
+    assert neox_to_hf_main([*argv, "--iteration", "3"]) == 1
+    err = capsys.readouterr().err
+    assert "iteration 3" in err and "global_step0, global_step5" in err, err
+    assert not (tmp_path / "no").exists()

@@ -421,7 +421,7 @@ def test_tensor_parallel_matches_single_process(tmp_path, tp, configs) -> None:
     mp.start_processes(
         tp_worker, args=(tp, _free_port(), str(out), configs), nprocs=tp, start_method="spawn"
     )
-    results = torch.load(out)
+    results = torch.load(out, weights_only=True)
     for overrides, result in zip(configs, results, strict=True):
         args = make_args(**overrides)
         single = run_model(GPTModel(ModelConfig.from_neox(args)), args)

@@ -410,3 +410,40 @@ def test_corrupt_vocab_file_is_a_config_error(tmp_path: Path, tokenizer_type: st
     values = small_config(dataset, tokenizer_type=tokenizer_type, vocab_file=str(corrupt))
     with pytest.raises(ConfigError, match=f"tokenizer_type '{tokenizer_type}'.*{corrupt}"):
         NeoXArgs.from_dict(values)
+
+
+def _word_level_tokenizer(folder: Path, tokens: list[str]) -> Path:
+    """A tokenizer.json with exactly `tokens` (ids in order), as a training run exports it."""
+    from tokenizers import Tokenizer as HFBackend
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    backend = HFBackend(WordLevel({t: i for i, t in enumerate(tokens)}, unk_token=tokens[0]))
+    backend.pre_tokenizer = Whitespace()
+    folder.mkdir(parents=True, exist_ok=True)
+    backend.save(str(folder / "tokenizer.json"))
+    return folder / "tokenizer.json"
+
+
+LLAMA3_STYLE = ["<unk>", "hello", "world", "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
+
+
+def test_hf_eod_comes_from_the_tokenizer_config(tmp_path: Path) -> None:
+    """Llama-3 names its end of text <|end_of_text|>: not a fixed name, so the tokenizer's own
+    configuration decides (tokenizer_config.json, else generation_config.json)."""
+    path = _word_level_tokenizer(tmp_path / "llama3", LLAMA3_STYLE)
+    with pytest.raises(ValueError, match="no end-of-document token.*tokenizer_config.json"):
+        build_tokenizer("HFTokenizer", path)
+    (path.parent / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 4]}))
+    assert build_tokenizer("HFTokenizer", path).eod == 5
+    config = {"eos_token": {"content": "<|end_of_text|>", "special": True}}
+    (path.parent / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = build_tokenizer("HFTokenizer", path)
+    assert tok.eod == tok.pad == 4 and tok.detokenize([tok.eod]) == "<|end_of_text|>"
+
+
+def test_hf_eod_config_wins_over_known_names(tmp_path: Path) -> None:
+    path = _word_level_tokenizer(tmp_path / "chat", ["<unk>", "<|endoftext|>", "<|im_end|>"])
+    assert build_tokenizer("HFTokenizer", path).eod == 1  # no configuration: a known name
+    (path.parent / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    assert build_tokenizer("HFTokenizer", path).eod == 2

@@ -207,3 +207,47 @@ def test_checkpoint_of_another_shape_is_an_error(tmp_path, text_dataset):
     stderr = failing_run(tmp_path, text_dataset, hidden_size=32, load=str(run / "ckpt"), save=None)
     assert "does not match the configured model" in stderr
     assert "embedding.word_embeddings.weight" in stderr and "[384, 64]" in stderr
+
+
+def test_secrets_stay_out_of_every_file_a_run_writes(tmp_path, text_dataset, monkeypatch):
+    """A W&B key and an HF token in the environment and a credential in the config appear in
+    no file the run writes (logs, metrics, TensorBoard, offline W&B, checkpoint configs), nor
+    in what it prints (the launch command carries the config)."""
+    secrets = {
+        "WANDB_API_KEY": "wandbsecret0123456789abcdef0123456789abcd",
+        "HF_TOKEN": "hf_secretTOKEN0123456789",
+    }
+    in_config = "cometsecret98765"
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    wandb_home = tmp_path / "wandb_home"
+    for name in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(wandb_home))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = tmp_path / "run"
+    values = small_config(
+        text_dataset,
+        train_iters=2,
+        log_interval=1,
+        eval_interval=2,
+        eval_iters=1,
+        log_dir=str(run / "logs"),
+        tensorboard_dir=str(run / "tb"),
+        save=str(run / "ckpt"),
+        checkpoint_factor=2,
+        use_wandb=True,
+        comet_others={"api_key": in_config, "note": "kept"},
+    )
+    config = write_config(tmp_path / "config.yml", values)
+    result = run_tool("deepy.py", "train.py", config)
+
+    assert (run / "ckpt" / "global_step2" / "configs" / "config.yml").is_file()
+    assert list((run / "logs").rglob("*.wandb")), "W&B wrote no offline run"
+    assert list((run / "tb").iterdir())
+    written = [p for folder in (run, wandb_home) for p in folder.rglob("*") if p.is_file()]
+    for secret in [*secrets.values(), in_config]:
+        assert secret not in result.stdout + result.stderr
+        for path in written:
+            assert secret.encode() not in path.read_bytes(), f"{secret!r} is in {path}"
+    stored = (run / "ckpt" / "global_step2" / "configs" / "config.yml").read_text()
+    assert "<redacted>" in stored and "kept" in stored

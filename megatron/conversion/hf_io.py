@@ -154,7 +154,7 @@ def write_tokenizer(folder: Path, args: Any, eod: int) -> tuple[str, dict[str, i
         )
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
     ids = {key: eod if value is None else value for key, value in ids.items()}
     if tok.pad_token_id is not None:

@@ -19,6 +19,7 @@ from megatron.neox_arguments.loading import (
     load_dict,
     load_files,
 )
+from megatron.neox_arguments.redact import redact_values
 from megatron.neox_arguments.report import derived_table
 from megatron.neox_arguments.schema import GROUPS, TYPES
 from megatron.neox_arguments.typecheck import TypeMismatch, coerce
@@ -179,14 +180,17 @@ class NeoXArgs(*GROUPS):  # type: ignore[misc]
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def to_json(self) -> str:
-        """Keys whose value differs from the schema default (from_json restores the rest)."""
+        """Keys whose value differs from the schema default (from_json restores the rest).
+
+        Credential-looking values are redacted (no schema key needs one: W&B and the Hub read
+        theirs from the environment), so the launch command never carries a secret."""
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         changed = {
             key: value
             for key, value in self.values().items()
             if not (type(value) is type(defaults[key]) and value == defaults[key])
         }
-        return json.dumps(changed, sort_keys=True, separators=(",", ":"))
+        return json.dumps(redact_values(changed), sort_keys=True, separators=(",", ":"))
 
     def encoded(self) -> str:
         """to_json() in URL-safe base64, as passed to `--megatron_config`."""

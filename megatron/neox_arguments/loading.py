@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from megatron.neox_arguments.errors import ConfigError, Problems
+from megatron.neox_arguments.redact import redact_text
 from megatron.neox_arguments.schema import canonical_key, suggest
 
 COMMAND_LINE = "command line"
@@ -76,7 +77,8 @@ def load_files(paths: list[str | os.PathLike[str]], problems: Problems) -> RawCo
                 f"two config files are named {name!r}; checkpoints store config files by name, "
                 "so give them distinct names"
             )
-        raw.config_files[name] = text
+        # Stored in checkpoints and passed to every process: credentials never are.
+        raw.config_files[name] = redact_text(text)
         try:
             data = parse_yaml(text, path)
         except ConfigError as exc:

@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,12 +63,19 @@ def vocab_divisor(tokenizer_vocab: int, model_vocab: int, requested: int | None)
     )
 
 
-def render_config(values: dict[str, Any], hf_dir: Path, hf_class: str, output: Path) -> str:
+def render_config(
+    values: dict[str, Any], hf_dir: Path, hf_class: str, output: Path, rows: int | None = None
+) -> str:
     header = (
         f"# {hf_class} from {hf_dir.resolve()}, converted by tools/ckpts/convert_hf_to_neox.py.\n"
         "# Model and tokenizer keys only: combine with a setup config (data, optimizer, batch,\n"
         f"# precision) and start from the weights with load: {output.resolve()} and finetune: true.\n"
     )
+    if "tokenizer_type" not in values:
+        header += (
+            "# The input had no tokenizer.json: set tokenizer_type and vocab_file (a tokenizer of\n"
+            f"# at most {rows} tokens) before training.\n"
+        )
     return header + yaml.safe_dump(values, sort_keys=False)
 
 
@@ -77,8 +85,11 @@ def convert_hf_to_neox(
     config_out: str | os.PathLike[str] | None = None,
     tokenizer: str | os.PathLike[str] | None = None,
     make_vocab_size_divisible_by: int | None = None,
+    log: Callable[[str], object] = print,
 ) -> Path:
-    """Write the checkpoint folder `output` (built beside it, renamed when complete)."""
+    """Write the checkpoint folder `output` (built beside it, renamed when complete). Without
+    a tokenizer.json in `hf_dir` (and no `tokenizer`), the config has no tokenizer keys and
+    `log` gets a line saying so."""
     hf_dir, output = Path(hf_dir), Path(output)
     for path in (output, config_out):
         if path is not None and Path(path).exists():
@@ -87,25 +98,31 @@ def convert_hf_to_neox(
         raise ConversionError(f"--input {hf_dir}: not a directory")
     hf_config, arch = read_hf_config(hf_dir)
     values = arch.to_neox(hf_config, str(hf_dir / "config.json"))
+    rows = hf_config.vocab_size
     tokenizer_file = Path(tokenizer) if tokenizer else hf_dir / "tokenizer.json"
-    if not tokenizer_file.is_file():
-        raise ConversionError(
-            f"{tokenizer_file}: not found; Strata reads the vocabulary from a Hugging Face "
-            "tokenizer.json (pass another with --tokenizer)"
+    if tokenizer is not None and not tokenizer_file.is_file():
+        raise ConversionError(f"--tokenizer {tokenizer_file}: not found")
+    if tokenizer_file.is_file():
+        tokens = tokenizer_vocab_size(tokenizer_file)
+        if tokens > rows:
+            raise ConversionError(
+                f"tokenizer {tokenizer_file} has {tokens} tokens, more than the model's {rows} "
+                "embedding rows"
+            )
+        divisor = vocab_divisor(tokens, rows, make_vocab_size_divisible_by)
+        values.update(tokenizer_type="HFTokenizer", vocab_file=str(tokenizer_file.resolve()))
+    else:
+        # A training run's export often has weights and config only: convert those and leave
+        # the tokenizer keys to the user (a checkpoint keeps its padded vocabulary).
+        tokens = rows
+        divisor = vocab_divisor(rows, rows, make_vocab_size_divisible_by)
+        log(
+            f"note: {hf_dir} has no tokenizer.json: weights and config converted, the tokenizer "
+            f"is left to set (tokenizer_type and vocab_file, a tokenizer of at most {rows} "
+            "tokens; or pass --tokenizer)"
         )
-    tokens, rows = tokenizer_vocab_size(tokenizer_file), hf_config.vocab_size
-    if tokens > rows:
-        raise ConversionError(
-            f"tokenizer {tokenizer_file} has {tokens} tokens, more than the model's {rows} "
-            "embedding rows"
-        )
-    divisor = vocab_divisor(tokens, rows, make_vocab_size_divisible_by)
-    values.update(
-        tokenizer_type="HFTokenizer",
-        vocab_file=str(tokenizer_file.resolve()),
-        make_vocab_size_divisible_by=divisor,
-    )
-    text = render_config(values, hf_dir, arch.hf_class, output)
+    values.update(make_vocab_size_divisible_by=divisor)
+    text = render_config(values, hf_dir, arch.hf_class, output, rows)
     # The model alone, as a one-process run pads its vocabulary: no training config needed.
     config = model_config(values, pad_vocab_size(tokens, divisor, 1), str(hf_dir / "config.json"))
 

@@ -1,9 +1,11 @@
 """Export a Strata checkpoint as a Hugging Face `transformers` model folder.
 
     python tools/ckpts/convert_neox_to_hf.py --input CKPT_DIR --config FILE [FILE ...] \
-        --output HF_DIR [--dtype bf16|fp16|fp32] [--architecture auto|gpt_neox|llama|mistral]
+        --output HF_DIR [--dtype bf16|fp16|fp32] [--architecture auto|gpt_neox|llama|mistral] \
+        [--iteration N]
 
-Reads the checkpoint `CKPT_DIR/latest` names (full tensors: any training layout) and the model
+Reads the checkpoint `CKPT_DIR/latest` names, or `CKPT_DIR/global_step{N}` with --iteration or
+the config's `iteration` key (full tensors: any training layout) and the model
 the NeoX config describes, and writes config.json, safetensors weights (vocabulary unpadded to
 the tokenizer's size, or --vocab-size), generation_config.json and the tokenizer files: an
 HFTokenizer's tokenizer.json (with the tokenizer_config.json, special_tokens_map.json and chat
@@ -28,7 +30,13 @@ from megatron.conversion.hf_io import (
     write_hf_weights,
     write_tokenizer,
 )
-from megatron.conversion.strata_io import dims_for, expected_shapes, read_checkpoint, read_model
+from megatron.conversion.strata_io import (
+    configured_iteration,
+    dims_for,
+    expected_shapes,
+    read_checkpoint,
+    read_model,
+)
 
 DEFAULT_SHARD_GB = 5.0
 
@@ -41,8 +49,11 @@ def convert_neox_to_hf(
     architecture: str = "auto",
     vocab_size: int | None = None,
     max_shard_gb: float = DEFAULT_SHARD_GB,
+    iteration: int | None = None,
 ) -> tuple[Path, str]:
-    """Write the Hugging Face folder `output`; returns it and a note about the tokenizer."""
+    """Write the Hugging Face folder `output`; returns it and a note about the tokenizer.
+    Reads the checkpoint `latest` names, or `global_step{iteration}` (`iteration`, else the
+    config's `iteration` key, as NeoX)."""
     output = Path(output)
     if output.exists():
         raise ConversionError(f"output already exists: {output}")
@@ -54,7 +65,9 @@ def convert_neox_to_hf(
             f"--vocab-size {vocab} is smaller than the tokenizer's {tokenizer.vocab_size} tokens"
         )
     hf_config = arch.to_hf(config, vocab)
-    tensors, folder = read_checkpoint(ckpt_dir)
+    if iteration is None:
+        iteration = configured_iteration(config_files)
+    tensors, folder = read_checkpoint(ckpt_dir, iteration)
     hf_tensors = arch.to_hf_tensors(
         tensors, expected_shapes(config), dims_for(config, vocab), source=str(folder)
     )
@@ -113,6 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-shard-gb", type=float, default=DEFAULT_SHARD_GB, help="largest weights file"
     )
+    parser.add_argument(
+        "--iteration",
+        type=int,
+        help="export global_step{N} instead of the checkpoint `latest` names (default: the "
+        "config's iteration key, if set)",
+    )
     args = parser.parse_args(argv)
 
     def work() -> int | None:
@@ -124,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             args.architecture,
             args.vocab_size,
             args.max_shard_gb,
+            args.iteration,
         )
         print(note)
         print(f"wrote {out}")

@@ -45,7 +45,7 @@ from megatron.data.indexed_dataset import (
     data_file_path,
     index_file_path,
 )
-from megatron.tokenizer.hf import EOD_CANDIDATES
+from megatron.tokenizer.hf import EOD_CANDIDATES, configured_eod
 from tools.datasets.preprocess_data import make_tasks, output_prefix
 from tools.datasets.readers import PreprocessError, location, resolve_inputs
 from tools.datasets.worker_pool import ordered_map
@@ -67,6 +67,7 @@ class ChatOptions:
     no_mask: bool
     append_eod: bool
     reward_key: str | None
+    trust_remote_code: bool = False
 
 
 @dataclass
@@ -133,6 +134,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a Hugging Face tokenizer directory with a chat template (read from local files)",
     )
     group.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let transformers run Python code shipped in the tokenizer directory (off: only "
+        "pass it for a directory you trust)",
+    )
+    group.add_argument(
         "--append-eod",
         action="store_true",
         help="end every document with the EOD token (not labelled unless --no-mask)",
@@ -164,14 +171,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # -- the tokenizer -------------------------------------------------------------------------------
 
 
-def load_tokenizer(path: str) -> Any:
-    """The Hugging Face tokenizer in directory `path` (local files only), with a chat template."""
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    """The Hugging Face tokenizer in directory `path` (local files only), with a chat template;
+    code shipped in the directory runs only with `trust_remote_code`."""
     from transformers import AutoTokenizer
 
     if not os.path.isdir(path):
         raise PreprocessError(f"--tokenizer-path {path}: not a directory")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, local_files_only=True, trust_remote_code=trust_remote_code
+        )
     except (OSError, ValueError) as err:
         raise PreprocessError(f"--tokenizer-path {path}: cannot load a tokenizer: {err}") from None
     if not getattr(tokenizer, "chat_template", None):
@@ -183,9 +193,13 @@ def load_tokenizer(path: str) -> Any:
     return tokenizer
 
 
-def eod_id(tokenizer: Any) -> int | None:
-    """The EOD token Strata's HFTokenizer picks from the same vocabulary, else the EOS token."""
+def eod_id(tokenizer: Any, folder: str | None = None) -> int | None:
+    """The EOD token Strata's HFTokenizer picks for the same folder (the configured end of
+    sequence, else a known name), else the tokenizer's EOS token."""
     vocab = tokenizer.get_vocab()
+    configured = configured_eod(folder, vocab.get) if folder is not None else None
+    if configured is not None:
+        return configured[0]
     found = next((vocab[t] for t in EOD_CANDIDATES if t in vocab), None)
     return found if found is not None else tokenizer.eos_token_id
 
@@ -204,9 +218,9 @@ class ChatEncoder:
 
     def __init__(self, options: ChatOptions) -> None:
         self.options = options
-        self.tokenizer = load_tokenizer(options.tokenizer_path)
+        self.tokenizer = load_tokenizer(options.tokenizer_path, options.trust_remote_code)
         self.special = special_ids(self.tokenizer)
-        self.eod = eod_id(self.tokenizer)
+        self.eod = eod_id(self.tokenizer, options.tokenizer_path)
         if options.append_eod and self.eod is None:
             raise PreprocessError(
                 f"--append-eod: the tokenizer in {options.tokenizer_path} has no EOD/EOS token"
@@ -410,6 +424,7 @@ def chat_options(args: argparse.Namespace) -> ChatOptions:
         no_mask=args.no_mask,
         append_eod=args.append_eod,
         reward_key=args.reward_key,
+        trust_remote_code=args.trust_remote_code,
     )
 
 
