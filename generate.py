@@ -23,8 +23,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron.checkpoint import resolve_checkpoint
 from megatron.checkpoint.load import load_checkpoint
-from megatron.conversion.strata_io import checkpoint_folder
 from megatron.entry import run_entry_point
 from megatron.initialize import device, initialize_megatron
 from megatron.model import GPTModel, ModelConfig
@@ -186,25 +186,8 @@ def main(args: Any) -> None:
             f"expected one of {', '.join(MODES)}"
         )
     # A missing or incomplete checkpoint fails before any work.
-    chosen_checkpoint(args)
+    resolve_checkpoint(args.load, args.iteration)
     MODES[args.text_gen_type](args)
-
-
-def chosen_checkpoint(args: Any) -> Path:
-    """The checkpoint folder generation loads: `latest`'s, or global_step{iteration} (NeoX's
-    `iteration` key), checked complete."""
-    folder = checkpoint_folder(args.load, args.iteration)
-    if args.iteration is not None:
-        latest = Path(args.load) / "latest"
-        named = latest.read_text().strip() if latest.is_file() else None
-        if named != folder.name:
-            # load_checkpoint reads the step `latest` names; another step needs its support.
-            raise ConfigError(
-                f"iteration: {args.iteration}: generate.py loads only the checkpoint "
-                f"{args.load}/latest names ({named}) for now; set iteration to that step or unset "
-                "it"
-            )
-    return folder
 
 
 if __name__ == "__main__":

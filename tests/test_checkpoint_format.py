@@ -304,5 +304,8 @@ def test_no_save_optim_no_save_rng_and_iteration(tmp_path):
     args.iteration = 2
     assert load_checkpoint(args, model, optimizer, scheduler)["iteration"] == 2
     args.iteration = 7
-    with pytest.raises(CheckpointError, match=r"no checkpoint of iteration 7 \(saved: 1, 2\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"no checkpoint of iteration 7 \(complete ones: global_step1, global_step2\)",
+    ):
         load_checkpoint(args, model, optimizer, scheduler)

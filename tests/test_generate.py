@@ -400,8 +400,8 @@ def test_bad_sampling_parameters_exit_without_writing(tmp_path, override, messag
         (["text_gen_type=precompute"], "error: text_gen_type='precompute' is not supported yet"),
         (
             ["iteration=3"],
-            "error: load: iteration 3: no complete checkpoint {run}/ckpt/global_step3 (complete "
-            "ones in {run}/ckpt: global_step8)",
+            "error: load: {run}/ckpt has no checkpoint of iteration 3 (complete ones: "
+            "global_step8)",
         ),
     ],
 )
@@ -419,23 +419,3 @@ def test_missing_load_exits_non_zero(trained):
     result = run_tool("generate.py", str(trained), "load=null", check=False)
     assert result.returncode == 1
     assert "error: load: generate.py needs a checkpoint directory (load=DIR)" in result.stderr
-
-
-def test_iteration_chooses_the_checkpoint(trained, tmp_path):
-    """NeoX's `iteration`: the step `latest` names loads; another complete step is refused
-    with a clear message (not silently replaced by `latest`'s), a missing one names those there."""
-    import shutil
-    from types import SimpleNamespace
-
-    from megatron.neox_arguments import ConfigError
-
-    chosen_checkpoint = generate_entry().chosen_checkpoint
-    ckpt = tmp_path / "ckpt"
-    shutil.copytree(trained.parent / "ckpt", ckpt)
-    assert chosen_checkpoint(SimpleNamespace(load=str(ckpt), iteration=8)).name == "global_step8"
-    assert chosen_checkpoint(SimpleNamespace(load=str(ckpt), iteration=None)).name == (
-        "global_step8"
-    )
-    shutil.copytree(ckpt / "global_step8", ckpt / "global_step2")
-    with pytest.raises(ConfigError, match="loads only the checkpoint .*latest names"):
-        chosen_checkpoint(SimpleNamespace(load=str(ckpt), iteration=2))

@@ -69,10 +69,11 @@ def resolve_checkpoint(load: str, iteration: int | None = None) -> Path:
                 int(path.name.removeprefix("global_step"))
                 for path in load_dir.glob("global_step*")
                 if path.name.removeprefix("global_step").isdigit()
+                and (path / METADATA_FILE).is_file()
             )
             raise CheckpointError(
-                f"load: {load_dir} has no checkpoint of iteration {iteration} (saved: "
-                f"{', '.join(map(str, saved)) or 'none'})"
+                f"load: {load_dir} has no checkpoint of iteration {iteration} (complete ones: "
+                f"{', '.join(map(tag_for, saved)) or 'none'})"
             )
     else:
         latest = load_dir / "latest"

@@ -10,8 +10,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from megatron.checkpoint import CheckpointError, read_metadata, resolve_checkpoint, tag_for
-from megatron.checkpoint.format import tensor_files
+from megatron.checkpoint import CheckpointError, resolve_checkpoint
 from megatron.checkpoint.reader import read_model_tensors
 from megatron.config import ConfigError, NeoXArgs
 from megatron.conversion.hf_config import ConversionError
@@ -116,37 +115,13 @@ def dims_for(config: ModelConfig, hf_vocab: int) -> Dims:
     )
 
 
-def checkpoint_folder(load_dir: str | os.PathLike[str], iteration: int | None = None) -> Path:
-    """The checkpoint folder to read: `{load_dir}/global_step{iteration}` when `iteration` is
-    given (NeoX's key), else the one `{load_dir}/latest` names; checked to be complete
-    (CheckpointError naming the folder, and the steps there are, otherwise)."""
-    if iteration is None:
-        return resolve_checkpoint(os.fspath(load_dir))
-    load = Path(load_dir)
-    folder = load / tag_for(iteration)
-    if not (folder / "metadata.json").is_file():
-        steps = sorted(
-            int(p.name.removeprefix("global_step"))
-            for p in load.glob("global_step*")
-            if p.name.removeprefix("global_step").isdigit() and (p / "metadata.json").is_file()
-        )
-        raise CheckpointError(
-            f"load: iteration {iteration}: no complete checkpoint {folder} (complete ones in "
-            f"{load}: {', '.join(map(tag_for, steps)) or 'none'})"
-        )
-    for required in tensor_files(read_metadata(folder), "model"):
-        if not (folder / required).is_file():
-            raise CheckpointError(f"load: checkpoint {folder} is incomplete: {required} is missing")
-    return folder
-
-
 def read_checkpoint(
     load_dir: str | os.PathLike[str], iteration: int | None = None
 ) -> tuple[dict[str, torch.Tensor], Path]:
     """The model tensors of the checkpoint `{load_dir}/latest` names (or of
     `global_step{iteration}`), and its folder."""
     try:
-        folder = checkpoint_folder(load_dir, iteration)
+        folder = resolve_checkpoint(os.fspath(load_dir), iteration)
         return read_model_tensors(folder), folder
     except CheckpointError as err:
         raise ConversionError(str(err).removeprefix("load: ")) from None
