@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -48,7 +49,7 @@ class StreamingSafetensorsWriter:
         header: dict[str, object] = {"__metadata__": dict(metadata or {})}
         offset = 0
         for name, dtype, shape in self.expected:
-            size = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+            size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             header[name] = {
                 "dtype": DTYPE_CODES[dtype],
                 "shape": list(shape),
@@ -93,10 +94,3 @@ class StreamingSafetensorsWriter:
     def abort(self) -> None:
         self.handle.close()
         self.tmp.unlink(missing_ok=True)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count

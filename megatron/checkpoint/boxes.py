@@ -10,6 +10,7 @@ reads exactly them, at any layout.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -29,10 +30,7 @@ class Box:
 
     @property
     def numel(self) -> int:
-        count = 1
-        for length in self.lengths:
-            count *= length
-        return count
+        return math.prod(self.lengths)
 
     def intersect(self, other: Box) -> Box | None:
         starts = tuple(map(max, self.offsets, other.offsets))
@@ -126,14 +124,14 @@ class Placement:
 
     def view(self, fragment: torch.Tensor) -> torch.Tensor:
         """The box's values inside ``fragment`` (a view: writable)."""
-        block = fragment.narrow(0, self.start, _numel(self.block)).view(self.block)
+        block = fragment.narrow(0, self.start, math.prod(self.block)).view(self.block)
         return block.narrow(self.dim, self.narrow_start, self.box.lengths[self.dim])
 
 
 def flat_range_blocks(shape: tuple[int, ...], start: int, end: int) -> list[Box]:
     """The elements ``[start, end)`` of a row-major tensor of ``shape`` as boxes, each
     contiguous in memory and in order (at most two per dimension)."""
-    strides = [_numel(shape[d + 1 :]) for d in range(len(shape))]
+    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
     blocks = []
     while start < end:
         for d, stride in enumerate(strides):
@@ -167,10 +165,3 @@ def fragment_boxes(layout: TensorParallelSlice, start: int, end: int) -> list[Pl
             placements.append(Placement(box, position, block.lengths, layout.dim, a - low))
         position += block.numel
     return placements
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count

@@ -38,6 +38,7 @@ from megatron.checkpoint.integrity import file_sha256
 from megatron.checkpoint.optimizer_state import MASTER, OptimizerView
 from megatron.checkpoint.parameters import (
     canonical_named_parameters,
+    full_shape,
     model_entries,
     tensor_parallel_slice,
     weight_fragment,
@@ -234,9 +235,7 @@ class CheckpointSaver:
         _barrier()
         named = canonical_named_parameters(module, replicas=False)
         view = OptimizerView(optimizer, [p for _, p in named])
-        entries = model_entries(
-            [(name, p.dtype, tensor_parallel_slice(p).full_shape) for name, p in named]
-        )
+        entries = model_entries([(name, p.dtype, full_shape(p)) for name, p in named])
         snapshot = take_snapshot(
             tmp,
             module,

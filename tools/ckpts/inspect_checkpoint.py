@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def describe(checkpoint: Checkpoint, tensors: bool) -> list[str]:
     ]
     for label, files in tensor_kinds(checkpoint).items():
         names = files.keys()
-        count = sum(_numel(files.shapes[name]) for name in names)
+        count = sum(math.prod(files.shapes[name]) for name in names)
         lines.append(f"  {label}: {len(names)} tensors, {count:,} values")
         if tensors:
             for name in names:
@@ -70,13 +71,6 @@ def describe(checkpoint: Checkpoint, tensors: bool) -> list[str]:
                 dtype = str(value.dtype).removeprefix("torch.")
                 lines.append(f"    {name:<60} {shape:<14} {dtype:<9} norm {norm:.6g}")
     return lines
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def diff(checkpoint: Checkpoint, other: Checkpoint) -> tuple[list[str], bool]:
