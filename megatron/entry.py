@@ -11,8 +11,18 @@ from megatron.checkpoint import CheckpointError
 from megatron.cli import exit_status
 from megatron.config import ConfigError, NeoXArgs
 from megatron.data.indexed_dataset import DatasetError
+from megatron.engine.nonfinite import NonFiniteSteps
+from megatron.engine.watchdog import CollectiveFailure
 
-USER_ERRORS = (ConfigError, CheckpointError, DatasetError, FileNotFoundError)
+# Expected failures, reported as one line: bad input, and a run that stopped itself.
+USER_ERRORS = (
+    ConfigError,
+    CheckpointError,
+    DatasetError,
+    FileNotFoundError,
+    NonFiniteSteps,
+    CollectiveFailure,
+)
 
 
 def run_entry_point(main: Callable, argv: list[str] | None = None) -> int:

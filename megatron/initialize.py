@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
+
+from megatron.engine.watchdog import dump_stacks_on_sigterm
 
 # Launchers that do not set torch's variables: map theirs (srun / sbatch, mpirun).
 _RANK_SOURCES = {
@@ -44,9 +47,13 @@ def initialize_megatron(args) -> None:
         backend = args.distributed_backend or "nccl"
     else:
         backend = "gloo"
+    timeout = timedelta(minutes=args.distributed_timeout_minutes)
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-    mpu.initialize_model_parallel(args.model_parallel_size, max(args.pipe_parallel_size, 1))
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+    dump_stacks_on_sigterm()
+    mpu.initialize_model_parallel(
+        args.model_parallel_size, max(args.pipe_parallel_size, 1), timeout=timeout
+    )
     mpu.model_parallel_seed(args.seed)
 
 

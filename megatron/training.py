@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import traceback
 from dataclasses import asdict, dataclass
 
 import torch
@@ -18,6 +19,8 @@ from megatron.data.data_utils import (
     make_data_loader,
 )
 from megatron.engine import build_step
+from megatron.engine.nonfinite import NonFiniteSteps
+from megatron.engine.watchdog import collective_failure, step_watchdog
 from megatron.initialize import device, initialize_megatron
 from megatron.logging import (
     MetricsLogger,
@@ -45,6 +48,8 @@ class TrainState:
     iteration: int = 0
     consumed_train_samples: int = 0
     consumed_valid_samples: int = 0
+    # Steps not applied (non-finite loss or gradient norm): the LR schedule did not advance.
+    skipped_steps: int = 0
 
 
 def as_floats(metrics: dict) -> dict:
@@ -143,14 +148,27 @@ class Trainer:
 
     # -- steps ---------------------------------------------------------------------------------
 
-    def train_step(self, train_iter) -> dict:
-        """One optimizer step over gradient_accumulation_steps micro-batches; the metrics stay
-        device tensors (``as_floats`` reads them)."""
-        lr = self.scheduler.step(self.state.iteration + 1)
-        metrics = self.step.train(train_iter, self.loss_context)
+    def train_step(self, train_iter) -> tuple[dict, str | None]:
+        """One optimizer step over gradient_accumulation_steps micro-batches: its metrics (device
+        tensors; ``as_floats`` reads them) and what was not finite if its update was skipped.
+        The data moves on either way; the schedule counts applied steps, as DeepSpeed's does."""
+        lr = self.scheduler.step(self.state.iteration + 1 - self.state.skipped_steps)
+        self.step.guard.begin()
+        try:
+            with step_watchdog(self.args.distributed_timeout_minutes * 60):
+                metrics = self.step.train(train_iter, self.loss_context)
+        except RuntimeError as err:
+            failure = collective_failure(err, self.state.iteration + 1)
+            if failure is None:
+                raise
+            traceback.print_exception(err)
+            raise failure from err
         self.state.iteration += 1
         self.state.consumed_train_samples += self.global_batch
-        return {**metrics, "lr": lr}
+        problem = self.step.guard.problem(metrics)
+        if problem:
+            self.state.skipped_steps += 1
+        return {**metrics, "lr": lr}, problem
 
     def evaluate(self, split: str, dataset, consumed_attr: str | None) -> float | None:
         consumed = getattr(self.state, consumed_attr) if consumed_attr else 0
@@ -184,6 +202,23 @@ class Trainer:
         )
         print_rank_0(f"{'writing' if self.saver.asynchronous else 'saved'} checkpoint {folder}")
 
+    def _stop_nonfinite(self, problem: str) -> None:
+        """One non-finite step too many in a row: save the last good weights and stop."""
+        iteration, limit = self.state.iteration, self.args.skip_nonfinite_steps
+        saved = "no checkpoint saved (`save` is not set)"
+        if self.saver is not None:
+            self._save()
+            self.saver.wait()
+            saved = (
+                f"the weights (untouched by the skipped steps) are saved as "
+                f"{self.args.save}/global_step{iteration}"
+            )
+        self.metrics.close()
+        raise NonFiniteSteps(
+            f"iteration {iteration}: {problem}; {self.step.guard.consecutive} non-finite "
+            f"step(s) in a row, skip_nonfinite_steps is {limit}: stopping; {saved}"
+        )
+
     def train(self) -> TrainState:
         args = self.args
         if self.state.iteration == 0 and args.eval_interval:
@@ -196,29 +231,40 @@ class Trainer:
         tokens_per_step = self.global_batch * args.seq_length
         saved_at = None
         while self.state.iteration < args.train_iters:
-            metrics = self.train_step(train_iter)
+            metrics, problem = self.train_step(train_iter)
             if self.saver is not None:
                 self.saver.poll()
             throughput.add(tokens_per_step)
-            interval_losses.append(metrics["lm_loss"])
             iteration = self.state.iteration
-            if iteration % args.log_interval == 0 or iteration == args.train_iters:
+            if not problem:
+                interval_losses.append(metrics["lm_loss"])
+            # A skipped step gets a line of its own, with its own (non-finite) loss.
+            if problem or iteration % args.log_interval == 0 or iteration == args.train_iters:
                 metrics = as_floats(metrics)
-                interval_loss = float(torch.stack(interval_losses).mean())
+                if not problem:
+                    metrics["lm_loss"] = float(torch.stack(interval_losses).mean())
+                    interval_losses = []
                 rate, _ = throughput.report()  # after the read: the steps have finished
                 metrics.update(
                     iteration=iteration,
                     split="train",
-                    lm_loss=interval_loss,
                     tokens_per_sec=rate,
+                    skipped=bool(problem),
+                    skipped_steps=self.state.skipped_steps,
                 )
-                interval_losses = []
                 if self.peak_flops:
                     world = dist.get_world_size() if dist.is_initialized() else 1
                     metrics["mfu"] = rate * flops_per_token(args) / (self.peak_flops * world)
                 done = iteration - start_iteration
                 elapsed = time.perf_counter() - start_time
                 self._log(metrics, eta=elapsed / done * (args.train_iters - iteration))
+            if self.step.guard.count(problem):
+                self._stop_nonfinite(problem)
+            if problem:
+                print_rank_0(
+                    f"iteration {iteration}: {problem}: the update is skipped "
+                    f"({self.step.guard.consecutive} of {args.skip_nonfinite_steps} allowed in a row)"
+                )
             if args.eval_interval and iteration % args.eval_interval == 0:
                 self.evaluate("valid", self.valid_ds, "consumed_valid_samples")
             if args.save and iteration in self.save_iters:

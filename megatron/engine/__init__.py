@@ -4,6 +4,8 @@ step.py         what every step shares: DeepSpeed setup, clipping, the loss redu
 sequential.py   SequentialStep: GPTModel on DeepSpeed's engine
 pipeline.py     PipelineStep: the pipeline stages on DeepSpeed's pipeline engine
 grad_norm.py    which rank counts which gradient; the norm and clipping for plain optimizers
+nonfinite.py    steps with a NaN/Inf loss or gradient norm: not applied, counted, a run of them stops
+watchdog.py     hangs: collective timeouts named, every rank's stacks dumped
 parallelize.py  the tensor- and sequence-parallel plan applied to a built model
 """
 

@@ -14,7 +14,7 @@ what layout-free checkpoints store.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -23,6 +23,7 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from torch import nn
 
 from megatron import mpu
+from megatron.engine.nonfinite import NonFiniteGuard
 from megatron.engine.parallelize import parallelize
 from megatron.engine.step import Metrics, TrainStep
 from megatron.losses import LossContext, ltor, pipeline_loss
@@ -121,7 +122,9 @@ class PipelineStep(TrainStep):
     engine_mpu = None  # a PipelineModule brings its own grid
 
     def build_model(self, device: torch.device) -> nn.Module:
-        return build_pipeline_model(self.args)
+        model = build_pipeline_model(self.args)
+        model.loss_fn = observed(model.loss_fn, self.guard)  # the last stage's losses
+        return model
 
     def deepspeed_config(self) -> dict:
         config = super().deepspeed_config()
@@ -146,6 +149,15 @@ class PipelineStep(TrainStep):
         losses = [self.engine.eval_batch(batches) for _ in range(iters)]
         self.engine.train()
         return {"lm_loss": torch.stack(losses).mean()}
+
+
+def observed(loss_fn: Callable, guard: NonFiniteGuard) -> Callable:
+    def loss(*args: Any) -> torch.Tensor:
+        value = loss_fn(*args)
+        guard.observe(value)
+        return value
+
+    return loss
 
 
 def pipe_batches(batches: Iterator[dict], ctx: LossContext) -> Iterator[PipeBatch]:

@@ -27,6 +27,7 @@ class SequentialStep(TrainStep):
         losses, extras = [], []
         for _ in range(self.args.gradient_accumulation_steps):
             loss, extra = self.objective.loss(self.engine, next(batches), ctx)
+            self.guard.observe(loss)
             self.engine.backward(loss)
             self.engine.step()  # the optimizer steps at the last micro-batch
             losses.append(loss.detach())

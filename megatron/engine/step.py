@@ -19,6 +19,7 @@ from torch import nn
 
 from megatron import mpu
 from megatron.engine.grad_norm import GradNormClipper, mark_norm_ownership, plain_optimizer
+from megatron.engine.nonfinite import NonFiniteGuard
 from megatron.learning_rates import build_lr_scheduler
 from megatron.logging import print_rank_0
 from megatron.losses import LossContext, get_train_impl
@@ -89,6 +90,8 @@ class TrainStep(ABC):
         self.args = args
         # The objective (megatron/losses.py); pipelines train 'normal' (validation says so).
         self.objective = get_train_impl(args.train_impl)
+        # Built before the model: a pipeline's loss function reports to it.
+        self.guard = NonFiniteGuard(args.skip_nonfinite_steps, norm_counts=args.precision != "fp16")
         configure_activation_checkpointing(args)
         model = self.build_model(device)
         mark_norm_ownership(model, mpu.get_tensor_model_parallel_rank())
@@ -104,6 +107,7 @@ class TrainStep(ABC):
         optimizer = build_optimizer(args, model)
         if self.clipper is not None:
             optimizer.register_step_pre_hook(self.clipper)
+        optimizer.register_step_pre_hook(self.guard)  # after the clipper: it sees the norm first
         self.scheduler = build_lr_scheduler(args, optimizer)
         with steps_ignored(optimizer):
             self.engine, _, _, _ = deepspeed.initialize(

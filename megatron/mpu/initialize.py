@@ -10,6 +10,8 @@ model runs unchanged in a plain Python session.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
@@ -44,8 +46,11 @@ def parallel_grid(world_size: int, tensor_parallel_size: int, pipe_parallel_size
     }
 
 
-def initialize_model_parallel(tensor_parallel_size: int = 1, pipe_parallel_size: int = 1) -> None:
-    """Build this process's tensor, data and pipeline groups; every rank must call it."""
+def initialize_model_parallel(
+    tensor_parallel_size: int = 1, pipe_parallel_size: int = 1, timeout: timedelta | None = None
+) -> None:
+    """Build this process's tensor, data and pipeline groups; every rank must call it.
+    ``timeout``: how long their collectives wait (None: torch's default)."""
     global _TENSOR_GROUP, _DATA_GROUP, _PIPE_GROUP, _TENSOR_SUBGROUPS
     if not dist.is_initialized():
         raise RuntimeError("initialize_model_parallel needs torch.distributed to be initialised")
@@ -57,7 +62,7 @@ def initialize_model_parallel(tensor_parallel_size: int = 1, pipe_parallel_size:
     # new_group is collective: every rank creates every group, in the same order.
     for axis in ("model", "data", "pipe"):
         for ranks in grid[axis]:
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timeout)
             if me in ranks:
                 mine[axis] = group
     _TENSOR_GROUP, _DATA_GROUP, _PIPE_GROUP = mine["model"], mine["data"], mine["pipe"]
@@ -69,7 +74,7 @@ def initialize_model_parallel(tensor_parallel_size: int = 1, pipe_parallel_size:
             continue
         for ranks in grid["model"]:
             for start in range(0, len(ranks), size):
-                group = dist.new_group(ranks[start : start + size])
+                group = dist.new_group(ranks[start : start + size], timeout=timeout)
                 if me in ranks[start : start + size]:
                     _TENSOR_SUBGROUPS[size] = group
 

@@ -154,6 +154,11 @@ class NeoXArgsOther:
     """Miscellaneous arguments."""
 
     distributed_backend: str = arg("nccl", "torch.distributed backend on GPUs (gloo on CPU).")
+    distributed_timeout_minutes: float = arg(
+        10.0,
+        "Minutes a collective may wait before the job stops with the rank and the collective "
+        "named (Megatron-LM's key; fractions allowed); a train step this long dumps the stacks.",
+    )
     local_rank: int | None = arg(None, "Local rank (set by the launcher).", DERIVED)
     rank: int | None = arg(None, "Global rank (set by the launcher).", DERIVED)
     lazy_mpu_init: bool = arg(False, "Defer model-parallel initialisation.", DEFAULT_ONLY)

@@ -108,6 +108,11 @@ class NeoXArgsTraining:
         "Copy each checkpoint to CPU memory and write it in a background thread while training "
         "continues; `latest` moves when every process has finished writing.",
     )
+    skip_nonfinite_steps: int = arg(
+        0,
+        "A step whose loss or gradient norm is NaN/Inf is not applied; up to this many in a row "
+        "are skipped, the next stops the run (saving the last good weights when `save` is set).",
+    )
     eval_interval: int = arg(1000, "Iterations between evaluations.")
     split: str = arg("969, 30, 1", "Train, validation, test proportions of data_path.")
     num_workers: int = arg(2, "Data loader worker processes.")

@@ -193,6 +193,16 @@ def check_values(args: Any, problems: Problems) -> None:
     for key in ("weight_decay", "gradient_clipping", "min_lr", "temperature"):
         if getattr(args, key) < 0:
             problems.add(f"{key} must be >= 0, got {getattr(args, key)}{args.where(key)}")
+    if args.skip_nonfinite_steps < 0:
+        problems.add(
+            f"skip_nonfinite_steps must be >= 0, got {args.skip_nonfinite_steps}"
+            f"{args.where('skip_nonfinite_steps')}"
+        )
+    if args.distributed_timeout_minutes <= 0:
+        problems.add(
+            f"distributed_timeout_minutes must be > 0, got {args.distributed_timeout_minutes}"
+            f"{args.where('distributed_timeout_minutes')}"
+        )
     if args.init_method_std <= 0:
         problems.add(f"init_method_std must be > 0, got {args.init_method_std}")
     if args.lr is not None and args.min_lr > args.lr:
