@@ -35,11 +35,12 @@ def inject_faults(trainer: training.Trainer) -> None:
     stall_ranks, stall_iterations = parse("FAULT_STALL")
     objective, train = trainer.step.objective, trainer.step.train
 
+    def poison() -> bool:
+        return rank in nan_ranks and trainer.state.iteration + 1 in nan_iterations
+
     def poisoned(engine, batch, ctx):
         loss, extra = objective.loss(engine, batch, ctx)
-        if rank in nan_ranks and trainer.state.iteration + 1 in nan_iterations:
-            loss = loss * float("nan")
-        return loss, extra
+        return (loss * float("nan") if poison() else loss), extra
 
     def stalling(batches, ctx):
         if rank in stall_ranks and trainer.state.iteration + 1 in stall_iterations:
@@ -47,6 +48,15 @@ def inject_faults(trainer: training.Trainer) -> None:
         return train(batches, ctx)
 
     trainer.step.objective = dataclasses.replace(objective, loss=poisoned)
+    module = trainer.step.module
+    if getattr(module, "loss_fn", None) is not None:  # a pipeline's last stage
+        pipeline_loss = module.loss_fn
+
+        def poisoned_pipeline(*args):
+            loss = pipeline_loss(*args)
+            return loss * float("nan") if poison() else loss
+
+        module.loss_fn = poisoned_pipeline
     trainer.step.train = stalling
 
 
