@@ -53,8 +53,9 @@ class TrainState:
 
 
 def as_floats(metrics: dict) -> dict:
-    """Plain numbers for logging. Steps keep their metrics on the device so the host never waits
-    for the accelerator between steps; reading them here, at log intervals, is the one sync."""
+    """Plain numbers for logging. Steps keep their metrics on the device; besides the
+    non-finite check (which reads the loss and norm once the optimizer step has waited for the
+    norm anyway), reading them here, at log intervals, is the only wait for the accelerator."""
     return {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
 
 

@@ -46,7 +46,8 @@ class NonFiniteGuard:
     def __call__(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if self.rejected is None:
-            bad = self.loss_bad.to(params[0].device).clone()
+            device = params[0].device if params else self.loss_bad.device
+            bad = self.loss_bad.to(device).clone()
             for param in params:
                 if param.grad is not None:
                     bad |= ~torch.isfinite(param.grad).all()

@@ -2,8 +2,9 @@
 
 A step builds the model for its engine and hands it to ``deepspeed.initialize``; it owns how
 loader batches reach the model, forward and backward over the gradient-accumulation
-micro-batches, the one gradient-norm computation (grad_norm.py) and the loss reduction. Metrics
-stay device tensors, so the host never waits for the accelerator between steps.
+micro-batches, the one gradient-norm computation (grad_norm.py), the non-finite guard
+(nonfinite.py) and the loss reduction. Metrics stay device tensors; the host waits for the
+accelerator once a step, when the ranks decide whether the update is finite.
 """
 
 from __future__ import annotations
