@@ -68,6 +68,45 @@ def test_config_checks_the_fault_keys(text_dataset):
         NeoXArgs.from_dict(small_config(text_dataset, distributed_timeout_minutes=0))
 
 
+@pytest.mark.parametrize("fault", ["gradient", "loss"])
+def test_guard_leaves_weights_and_optimizer_state_alone(fault):
+    """In one process: a step with a NaN gradient, or a NaN loss seen by the guard, changes
+    neither the weights nor Adam's moments and step count; the next finite step does."""
+    from megatron.engine.nonfinite import NonFiniteGuard
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)
+    guard = NonFiniteGuard(limit=1)
+    optimizer.register_step_pre_hook(guard)
+
+    def step(poison: bool) -> str | None:
+        guard.begin()
+        loss = model(torch.randn(3, 4)).pow(2).mean()
+        if poison and fault == "loss":
+            guard.observe(torch.tensor(float("inf")))
+        loss.backward()
+        if poison and fault == "gradient":
+            model.weight.grad[0, 0] = float("nan")
+        optimizer.step()
+        optimizer.zero_grad()
+        return guard.problem({"lm_loss": loss.detach()})
+
+    assert step(poison=False) is None
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = {k: v.clone() for k, v in optimizer.state[model.weight].items()}
+    problem = step(poison=True)
+    assert problem == (
+        "a gradient is not finite" if fault == "gradient" else "a rank's loss is not finite"
+    )
+    assert guard.count(problem) is False and guard.count(problem) is True  # the second in a row
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(moments[k], v) for k, v in optimizer.state[model.weight].items())
+    assert step(poison=False) is None and guard.count(None) is False
+    assert not torch.equal(before["weight"], model.weight)
+    assert optimizer.state[model.weight]["step"] == moments["step"] + 1
+
+
 def test_a_nonfinite_step_is_skipped_and_training_recovers(tmp_path, text_dataset, monkeypatch):
     monkeypatch.setenv("FAULT_NAN", "0:3")  # rank 0, iteration 3
     records, _, run = faulty_run(tmp_path, text_dataset, skip_nonfinite_steps=1)

@@ -36,7 +36,10 @@ class NonFiniteGuard:
     def begin(self) -> None:
         """Start a step: forget the previous step's losses and decision."""
         self.loss_bad = torch.zeros((), dtype=torch.bool)
-        self.rejected: bool | None = None  # decided at the step's first optimizer update
+        # Decided at the step's first optimizer update, the same on every rank: whether some
+        # rank's loss, or some gradient, was not finite.
+        self.rejected: bool | None = None
+        self.loss_rejected = False
 
     def observe(self, loss: torch.Tensor) -> None:
         """A micro-batch loss of this rank (kept on the device: no wait here)."""
@@ -47,14 +50,16 @@ class NonFiniteGuard:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if self.rejected is None:
             device = params[0].device if params else self.loss_bad.device
-            bad = self.loss_bad.to(device).clone()
+            grad_bad = torch.zeros((), dtype=torch.bool, device=device)
             for param in params:
                 if param.grad is not None:
-                    bad |= ~torch.isfinite(param.grad).all()
-            flag = bad.to(torch.int32)
+                    grad_bad |= ~torch.isfinite(param.grad).all()
+            flags = torch.stack([self.loss_bad.to(device), grad_bad]).to(torch.int32)
             if dist.is_initialized() and dist.get_world_size() > 1:
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # the whole world decides as one
-            self.rejected = bool(flag.item())
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # the whole world decides as one
+            loss_rejected, grad_rejected = flags.tolist()
+            self.loss_rejected = bool(loss_rejected)
+            self.rejected = bool(loss_rejected or grad_rejected)
         if self.rejected:
             for param in params:
                 param.grad = None
@@ -67,6 +72,8 @@ class NonFiniteGuard:
         parts = []
         if not math.isfinite(loss):
             parts.append(f"the loss is {loss}")
+        elif self.loss_rejected:
+            parts.append("a rank's loss is not finite")
         if self.norm_counts and not math.isfinite(norm):
             parts.append(f"the gradient norm is {norm}")
         if self.rejected and not parts:
