@@ -12,6 +12,8 @@ import time
 
 import torch
 
+from megatron.neox_arguments.schema import default_of
+
 
 def is_rank_0() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
@@ -55,14 +57,37 @@ def wandb_config(args) -> dict | None:
     return json.loads(json.dumps(redact_values(values), default=str))
 
 
+def start_wandb(args):
+    """A W&B run on `wandb_host` (WANDB_MODE=offline works without a network; such runs sync
+    later with `wandb sync`). With wandb_init_all_ranks the runs of one job share
+    `wandb_group` and are named by rank."""
+    import wandb
+
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    return wandb.init(
+        project=args.wandb_project,
+        group=args.wandb_group,
+        entity=args.wandb_team,
+        name=f"rank{rank}" if args.wandb_init_all_ranks else None,
+        dir=args.log_dir,
+        config=wandb_config(args),
+        settings=wandb.Settings(base_url=args.wandb_host)
+        if args.wandb_host != default_of("wandb_host")
+        else None,
+    )
+
+
 class MetricsLogger:
-    """Writes a metrics dict to every configured sink."""
+    """Writes a metrics dict to every configured sink (rank 0; with wandb_init_all_ranks every
+    rank starts a W&B run too, so each records its own system metrics)."""
 
     def __init__(self, args):
         self.enabled = is_rank_0()
         self.jsonl = None
         self.tensorboard = None
         self.wandb = None
+        if args.use_wandb and (self.enabled or args.wandb_init_all_ranks):
+            self.wandb = start_wandb(args)
         if not self.enabled:
             return
         if args.log_dir:
@@ -72,17 +97,6 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(log_dir=args.tensorboard_dir)
-        if args.use_wandb:
-            import wandb
-
-            # WANDB_MODE=offline works without a network; runs sync later with `wandb sync`.
-            self.wandb = wandb.init(
-                project=args.wandb_project,
-                group=args.wandb_group,
-                entity=args.wandb_team,
-                dir=args.log_dir,
-                config=wandb_config(args),
-            )
 
     def log(self, metrics: dict) -> None:
         if not self.enabled:
