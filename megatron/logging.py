@@ -1,13 +1,17 @@
 """Metrics sinks (console, JSON lines, TensorBoard, W&B) and FLOPs/MFU estimates.
 
-Only global rank 0 writes. `{log_dir}/metrics.jsonl` gets one object per logged step.
+Only global rank 0 writes. `{log_dir}/metrics.jsonl` gets one object per logged step; a training
+run also keeps `{log_dir}/run.json` (its length, checkpoint folder, job, process and whether it
+finished) for tools/monitor.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
+import tempfile
 import time
 
 import torch
@@ -81,8 +85,9 @@ class MetricsLogger:
     """Writes a metrics dict to every configured sink (rank 0; with wandb_init_all_ranks every
     rank starts a W&B run too, so each records its own system metrics)."""
 
-    def __init__(self, args):
+    def __init__(self, args, run_file: bool = False):
         self.enabled = is_rank_0()
+        self.run_file = None
         self.jsonl = None
         self.tensorboard = None
         self.wandb = None
@@ -93,6 +98,9 @@ class MetricsLogger:
         if args.log_dir:
             os.makedirs(args.log_dir, exist_ok=True)
             self.jsonl = open(os.path.join(args.log_dir, "metrics.jsonl"), "a", buffering=1)
+            if run_file:
+                self.run_file = os.path.join(args.log_dir, RUN_FILE)
+                self._describe_run(args)
         if args.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -102,7 +110,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         if self.jsonl:
-            self.jsonl.write(json.dumps(metrics) + "\n")
+            self.jsonl.write(json.dumps({**metrics, "time": round(time.time(), 3)}) + "\n")
         step, split = metrics["iteration"], metrics["split"]
         scalars = {
             k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "iteration"
@@ -113,6 +121,27 @@ class MetricsLogger:
         if self.wandb:
             self.wandb.log({f"{split}/{k}": v for k, v in scalars.items()}, step=step)
 
+    def _describe_run(self, args) -> None:
+        record = {
+            "train_iters": args.train_iters,
+            "save": os.path.abspath(args.save) if args.save else None,
+            "job_id": os.environ.get("SLURM_JOB_ID"),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": round(time.time(), 3),
+            "state": "running",
+        }
+        write_json(self.run_file, record)
+
+    def finish(self, state: str) -> None:
+        """Record how the run ended in run.json ("finished", or "stopped" before train_iters)
+        and close the sinks."""
+        if self.run_file:
+            with open(self.run_file) as handle:
+                record = json.load(handle)
+            write_json(self.run_file, {**record, "state": state, "ended": round(time.time(), 3)})
+        self.close()
+
     def close(self) -> None:
         if self.jsonl:
             self.jsonl.close()
@@ -120,6 +149,17 @@ class MetricsLogger:
             self.tensorboard.close()
         if self.wandb:
             self.wandb.finish()
+
+
+def write_json(path: str, record: dict) -> None:
+    """`record` at `path`, whole or not at all (a reader never sees half a file)."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(record, handle, indent=1)
+    os.replace(tmp, path)
+
+
+RUN_FILE = "run.json"
 
 
 def format_eta(seconds: float) -> str:

@@ -90,7 +90,7 @@ class Trainer:
         self.train_ds, self.valid_ds, self.test_ds = self._build_datasets()
         self.save_iters = set(args.save_iters or ())
         self.saver = CheckpointSaver(args) if args.save else None
-        self.metrics = MetricsLogger(args)
+        self.metrics = MetricsLogger(args, run_file=True)
         self.peak_flops = device_peak_flops()
 
     # -- setup ---------------------------------------------------------------------------------
@@ -236,7 +236,7 @@ class Trainer:
             self._save()
         if self.saver is not None:
             self.saver.wait()
-        self.metrics.close()
+        self.metrics.finish("finished" if self.state.iteration >= args.train_iters else "stopped")
         return self.state
 
 
