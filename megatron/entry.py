@@ -11,16 +11,23 @@ from megatron.checkpoint import CheckpointError
 from megatron.cli import exit_status
 from megatron.config import ConfigError, NeoXArgs
 from megatron.data.indexed_dataset import DatasetError
+from megatron.preemption import PREEMPTED_EXIT, Preempted
 
 USER_ERRORS = (ConfigError, CheckpointError, DatasetError, FileNotFoundError)
 
 
 def run_entry_point(main: Callable, argv: list[str] | None = None) -> int:
-    def work() -> None:
-        main(NeoXArgs.consume_neox_args(argv))
+    def work() -> int:
+        try:
+            main(NeoXArgs.consume_neox_args(argv))
+            status = 0
+        except Preempted as stopped:
+            print(f"preempted: {stopped}", flush=True)
+            status = PREEMPTED_EXIT
         # Left to interpreter shutdown, the process group's threads can be torn down in an
         # order that aborts the process after its work is done.
         if dist.is_initialized():
             dist.destroy_process_group()
+        return status
 
     return exit_status(work, USER_ERRORS)

@@ -20,7 +20,10 @@ from megatron.neox_arguments.schema import default_of
 
 
 def is_rank_0() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    # Before the process group exists: the launcher's variables (srun's where torch's are not).
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
 
 
 def print_rank_0(*message) -> None:
