@@ -35,7 +35,7 @@ quickstart: $(QS)/stdlib_text_document.bin
 # Bytecode first: the suite launches hundreds of processes that import the repository.
 test: $(ENV_READY)
 	$(PYTHON) -m compileall -q megatron tools
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -rs tests
 
 lint: $(ENV_READY)
 	$(PYTHON) -m ruff check .

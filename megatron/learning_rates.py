@@ -41,6 +41,10 @@ def _cosine(progress: float) -> float:
     return 0.5 * (math.cos(math.pi * progress) + 1.0)
 
 
+# What a checkpoint's schedule records besides its position (the names of its state_dict).
+SCHEDULE_SHAPE = ("start_lr", "warmup_iters", "total_iters", "decay_style", "min_lr")
+
+
 class AnnealingLR:
     """Sets the learning rate of every param group for a given iteration.
 
@@ -55,8 +59,10 @@ class AnnealingLR:
         total_iters: int,
         decay_style: str,
         min_lr: float = 0.0,
+        on_resume: str = "match",
     ):
         self.decay_fn = DECAY_STYLES.get(decay_style, key="lr_decay_style")
+        self.on_resume = on_resume
         self.optimizer = optimizer
         self.start_lr = start_lr
         self.warmup_iters = warmup_iters
@@ -86,18 +92,30 @@ class AnnealingLR:
         return lr
 
     def state_dict(self) -> dict:
-        return {
-            "start_lr": self.start_lr,
-            "warmup_iters": self.warmup_iters,
-            "total_iters": self.total_iters,
-            "decay_style": self.decay_style,
-            "min_lr": self.min_lr,
-            "num_iters": self.num_iters,
-        }
+        return {key: getattr(self, key) for key in SCHEDULE_SHAPE} | {"num_iters": self.num_iters}
 
     def load_state_dict(self, state: dict) -> None:
-        # The schedule's shape comes from the current config (so a run may be extended or
-        # re-scheduled); only the position is restored.
+        """Restore the position; the shape follows `on_resume` where the checkpoint's differs:
+        "config" (override_lr_scheduler), "checkpoint" (use_checkpoint_lr_scheduler) or
+        "match" (NeoX's default: a difference is an error)."""
+        saved = {key: state[key] for key in SCHEDULE_SHAPE if key in state}
+        if self.on_resume == "checkpoint":
+            for key, value in saved.items():
+                setattr(self, key, value)
+            self.decay_fn = DECAY_STYLES.get(self.decay_style, key="lr_decay_style")
+        elif self.on_resume == "match":
+            differ = [
+                f"{key} {value!r} (checkpoint) vs {getattr(self, key)!r} (config)"
+                for key, value in saved.items()
+                if value != getattr(self, key)
+            ]
+            if differ:
+                raise ValueError(
+                    "the checkpoint's learning-rate schedule differs from the config's: "
+                    + "; ".join(differ)
+                    + ". Set override_lr_scheduler: true to follow the config, or "
+                    "use_checkpoint_lr_scheduler: true to follow the checkpoint"
+                )
         self.step(int(state["num_iters"]))
 
 
@@ -110,4 +128,11 @@ def build_lr_scheduler(args, optimizer) -> AnnealingLR:
         total_iters=decay_iters,
         decay_style=args.lr_decay_style,
         min_lr=args.min_lr,
+        on_resume=(
+            "config"
+            if args.override_lr_scheduler
+            else "checkpoint"
+            if args.use_checkpoint_lr_scheduler
+            else "match"
+        ),
     )

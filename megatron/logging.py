@@ -1,20 +1,29 @@
 """Metrics sinks (console, JSON lines, TensorBoard, W&B) and FLOPs/MFU estimates.
 
-Only global rank 0 writes. `{log_dir}/metrics.jsonl` gets one object per logged step.
+Only global rank 0 writes. `{log_dir}/metrics.jsonl` gets one object per logged step; a training
+run also keeps `{log_dir}/run.json` (its length, checkpoint folder, job, process and whether it
+finished) for tools/monitor.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
+import tempfile
 import time
 
 import torch
 
+from megatron.neox_arguments.schema import default_of
+
 
 def is_rank_0() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    # Before the process group exists: the launcher's variables (srun's where torch's are not).
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
 
 
 def print_rank_0(*message) -> None:
@@ -55,40 +64,56 @@ def wandb_config(args) -> dict | None:
     return json.loads(json.dumps(redact_values(values), default=str))
 
 
-class MetricsLogger:
-    """Writes a metrics dict to every configured sink."""
+def start_wandb(args):
+    """A W&B run on `wandb_host` (WANDB_MODE=offline works without a network; such runs sync
+    later with `wandb sync`). With wandb_init_all_ranks the runs of one job share
+    `wandb_group` and are named by rank."""
+    import wandb
 
-    def __init__(self, args):
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    return wandb.init(
+        project=args.wandb_project,
+        group=args.wandb_group,
+        entity=args.wandb_team,
+        name=f"rank{rank}" if args.wandb_init_all_ranks else None,
+        dir=args.log_dir,
+        config=wandb_config(args),
+        settings=wandb.Settings(base_url=args.wandb_host)
+        if args.wandb_host != default_of("wandb_host")
+        else None,
+    )
+
+
+class MetricsLogger:
+    """Writes a metrics dict to every configured sink (rank 0; with wandb_init_all_ranks every
+    rank starts a W&B run too, so each records its own system metrics)."""
+
+    def __init__(self, args, run_file: bool = False):
         self.enabled = is_rank_0()
+        self.run_file = None
         self.jsonl = None
         self.tensorboard = None
         self.wandb = None
+        if args.use_wandb and (self.enabled or args.wandb_init_all_ranks):
+            self.wandb = start_wandb(args)
         if not self.enabled:
             return
         if args.log_dir:
             os.makedirs(args.log_dir, exist_ok=True)
             self.jsonl = open(os.path.join(args.log_dir, "metrics.jsonl"), "a", buffering=1)
+            if run_file:
+                self.run_file = os.path.join(args.log_dir, RUN_FILE)
+                self._describe_run(args)
         if args.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(log_dir=args.tensorboard_dir)
-        if args.use_wandb:
-            import wandb
-
-            # WANDB_MODE=offline works without a network; runs sync later with `wandb sync`.
-            self.wandb = wandb.init(
-                project=args.wandb_project,
-                group=args.wandb_group,
-                entity=args.wandb_team,
-                dir=args.log_dir,
-                config=wandb_config(args),
-            )
 
     def log(self, metrics: dict) -> None:
         if not self.enabled:
             return
         if self.jsonl:
-            self.jsonl.write(json.dumps(metrics) + "\n")
+            self.jsonl.write(json.dumps({**metrics, "time": round(time.time(), 3)}) + "\n")
         step, split = metrics["iteration"], metrics["split"]
         scalars = {
             k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "iteration"
@@ -99,6 +124,27 @@ class MetricsLogger:
         if self.wandb:
             self.wandb.log({f"{split}/{k}": v for k, v in scalars.items()}, step=step)
 
+    def _describe_run(self, args) -> None:
+        record = {
+            "train_iters": args.train_iters,
+            "save": os.path.abspath(args.save) if args.save else None,
+            "job_id": os.environ.get("SLURM_JOB_ID"),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": round(time.time(), 3),
+            "state": "running",
+        }
+        write_json(self.run_file, record)
+
+    def finish(self, state: str) -> None:
+        """Record how the run ended in run.json ("finished", or "stopped" before train_iters)
+        and close the sinks."""
+        if self.run_file:
+            with open(self.run_file) as handle:
+                record = json.load(handle)
+            write_json(self.run_file, {**record, "state": state, "ended": round(time.time(), 3)})
+        self.close()
+
     def close(self) -> None:
         if self.jsonl:
             self.jsonl.close()
@@ -106,6 +152,17 @@ class MetricsLogger:
             self.tensorboard.close()
         if self.wandb:
             self.wandb.finish()
+
+
+def write_json(path: str, record: dict) -> None:
+    """`record` at `path`, whole or not at all (a reader never sees half a file)."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(record, handle, indent=1)
+    os.replace(tmp, path)
+
+
+RUN_FILE = "run.json"
 
 
 def format_eta(seconds: float) -> str:

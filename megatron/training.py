@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -38,6 +39,7 @@ from megatron.losses import (
     save_reference_model,
 )
 from megatron.neox_arguments import ConfigError
+from megatron.preemption import Preempted, StopRequest
 from megatron.tokenizer import build_tokenizer
 
 
@@ -62,6 +64,9 @@ def as_floats(metrics: dict) -> dict:
 class Trainer:
     def __init__(self, args):
         self.args = args
+        if starts_fresh(args):
+            print_rank_0(f"load: {args.load} holds no checkpoint yet (load = save): starting fresh")
+            args.load = None
         if args.load:
             resolve_checkpoint(args.load, args.iteration)  # a bad `load` fails before any setup
         initialize_megatron(args)
@@ -96,7 +101,8 @@ class Trainer:
         self.train_ds, self.valid_ds, self.test_ds = self._build_datasets()
         self.save_iters = set(args.save_iters or ())
         self.saver = CheckpointSaver(args) if args.save else None
-        self.metrics = MetricsLogger(args)
+        self.metrics = MetricsLogger(args, run_file=True)
+        self.stop_request = StopRequest()
         self.peak_flops = device_peak_flops()
 
     # -- setup ---------------------------------------------------------------------------------
@@ -220,6 +226,16 @@ class Trainer:
             f"step(s) in a row, skip_nonfinite_steps is {limit}: stopping; {saved}"
         )
 
+    def _stop_for_preemption(self) -> None:
+        """The scheduler asked the job to stop: save where every rank is, and leave."""
+        iteration = self.state.iteration
+        print_rank_0(f"{self.stop_request.describe()}: stopping after iteration {iteration}")
+        if self.saver is not None:
+            self._save()
+            self.saver.wait()
+        self.metrics.finish("stopped")
+        raise Preempted(f"stopped after iteration {iteration} on request; requeue to resume")
+
     def train(self) -> TrainState:
         args = self.args
         if self.state.iteration == 0 and args.eval_interval:
@@ -271,6 +287,8 @@ class Trainer:
             if args.save and iteration in self.save_iters:
                 self._save()
                 saved_at = iteration
+            if self.stop_request.agreed():
+                self._stop_for_preemption()
             if args.exit_interval and iteration % args.exit_interval == 0:
                 print_rank_0(f"exit_interval: stopping at iteration {iteration}")
                 break
@@ -283,8 +301,17 @@ class Trainer:
             self._save()
         if self.saver is not None:
             self.saver.wait()
-        self.metrics.close()
+        self.metrics.finish("finished" if self.state.iteration >= args.train_iters else "stopped")
         return self.state
+
+
+def starts_fresh(args) -> bool:
+    """GPT-NeoX's setup for jobs that requeue: `load` equal to `save` with nothing saved yet
+    means the first start (a `load` elsewhere that is missing stays an error)."""
+    if not (args.load and args.save) or args.iteration is not None:
+        return False
+    same = os.path.realpath(args.load) == os.path.realpath(args.save)
+    return same and not os.path.exists(os.path.join(args.load, "latest"))
 
 
 def pretrain(args) -> TrainState:

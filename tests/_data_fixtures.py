@@ -43,16 +43,26 @@ def write_documents(
     return docs
 
 
-def index_worker(rank: int, world_size: int, port: int, prefixes: list[str], out: str) -> None:
-    """One spawned rank: build a GPT2Dataset over each prefix in turn (unpacked with labels when
-    `{prefix}_label` exists, else packed) and write, per prefix, whether this rank built the
-    index and what it got, or its error, to `{out}/{rank}.json`."""
+def index_worker(
+    rank: int,
+    world_size: int,
+    port: int,
+    prefixes: list[str],
+    out: str,
+    nodes: int = 1,
+    shared_fs: bool = True,
+) -> None:
+    """One spawned rank of a job on `nodes` nodes: build a GPT2Dataset over each prefix in turn
+    (unpacked with labels when `{prefix}_label` exists, else packed) and write, per prefix,
+    whether this rank built the index and what it got, or its error, to `{out}/{rank}.json`."""
     import torch.distributed as dist
 
     import megatron.data.gpt2_dataset as gpt2_dataset
     from megatron.data.indexed_dataset import DatasetError, MMapIndexedDataset
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank % (world_size // nodes))
+    )
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     built: list[bool] = []
     original = gpt2_dataset.build_index
@@ -80,6 +90,7 @@ def index_worker(rank: int, world_size: int, port: int, prefixes: list[str], out
                     5,
                     pack_impl=impl,
                     label_dataset=label,
+                    shared_fs=shared_fs,
                 )
                 results.append({"built": bool(built), "shuffle": ds.shuffle_idx.tolist()})
             except DatasetError as err:

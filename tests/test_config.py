@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import copy
 import dataclasses
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -647,3 +648,75 @@ def write_config_text(values: dict) -> str:
     import yaml
 
     return yaml.safe_dump(values, sort_keys=False)
+
+
+# --------------------------------------------------------------------------- no silent keys
+
+# Keys read through names built at run time: the f-string as the source spells it, per split.
+COMPUTED_NAMES = (
+    "{split}_data_paths",
+    "{split}_data_weights",
+    "{split}_label_data_paths",
+    "{split}_reward_data_paths",
+    "pos_{split}_data_paths",
+    "neg_{split}_data_paths",
+    "pos_{split}_label_data_paths",
+    "neg_{split}_label_data_paths",
+)
+# A value that switches each refused feature on (a gate is "key" or "key: value").
+GATE_ON = {
+    "moe_num_experts": 2,
+    "use_comet": True,
+    "log_gradient_noise_scale": True,
+    "memory_profiling": True,
+    "profile": True,
+    "adlr_autoresume": True,
+    "s3_path": "s3://bucket/run",
+    "num_unique_layers": 1,
+}
+
+
+def _source_text() -> str:
+    """Every module that may read a key: all but the schema's declarations."""
+    files = [*REPO.glob("megatron/**/*.py"), *REPO.glob("tools/**/*.py"), *REPO.glob("*.py")]
+    return "\n".join(p.read_text() for p in files if not p.name.startswith("groups_"))
+
+
+def test_every_implemented_key_is_read_somewhere() -> None:
+    """A key Strata accepts does something: it is read by name (or through one of the names
+    built at run time); a performance hint, a refused feature's setting (gated) or a
+    DEFAULT_ONLY key is the only kind that may go unread."""
+    text = _source_text()
+    computed = set()
+    for template in COMPUTED_NAMES:
+        assert f'f"{template}"' in text, f"no module builds the key name {template!r}"
+        computed |= {template.format(split=split) for split in ("train", "valid", "test")}
+    unread = [
+        key
+        for key, f in FIELDS.items()
+        if f.metadata["support"] is Support.YES
+        and key not in computed
+        and not re.search(rf"\b{key}\b", text)
+    ]
+    assert unread == []
+
+
+def _gates() -> set[str]:
+    return {f.metadata["gate"] for f in FIELDS.values() if f.metadata["support"] is Support.GATED}
+
+
+@pytest.mark.parametrize("gate", sorted(_gates()))
+def test_a_gated_key_belongs_to_a_feature_the_config_refuses(dataset: str, gate: str) -> None:
+    key, _, value = gate.partition(": ")
+    if value:
+        on = [[[value], "all"]] if key == "attention_config" else value
+    else:
+        assert FIELDS[key].metadata["support"] is Support.DEFAULT_ONLY, gate
+        on = GATE_ON[key]
+    with pytest.raises(ConfigError, match=key):
+        NeoXArgs.from_dict(small_config(dataset, **{key: on}))
+
+
+def test_gated_keys_take_any_value_while_their_feature_is_off(dataset: str) -> None:
+    args = NeoXArgs.from_dict(small_config(dataset, comet_project="p", moe_top_k=2, dim_att=8))
+    assert (args.comet_project, args.moe_top_k, args.dim_att) == ("p", 2, 8)

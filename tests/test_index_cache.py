@@ -174,3 +174,22 @@ def test_local_rank_0_builds_and_a_failure_reaches_every_rank(prefix: Path, tmp_
     # The bad one: rank 0 reports why, rank 1 fails too instead of waiting forever.
     assert "none of the 7 documents is eligible" in rank0[1]["error"]
     assert "failed on another process" in rank1[1]["error"]
+
+
+@pytest.mark.parametrize("shared_fs", [True, False])
+def test_use_shared_fs_builds_once_per_job_else_once_per_node(
+    prefix: Path, tmp_path: Path, shared_fs: bool
+) -> None:
+    """Two one-process "nodes" (LOCAL_RANK 0 on both): NeoX's use_shared_fs builds on global
+    rank 0 only; without it each node builds its own copy."""
+    out = tmp_path / "out"
+    out.mkdir()
+    mp.start_processes(
+        index_worker,
+        args=(2, free_port(), [str(prefix)], str(out), 2, shared_fs),
+        nprocs=2,
+        start_method="spawn",
+    )
+    rank0, rank1 = (json.loads((out / f"{rank}.json").read_text())[0] for rank in range(2))
+    assert rank0["built"] and rank1["built"] is not shared_fs
+    assert rank0["shuffle"] == rank1["shuffle"]

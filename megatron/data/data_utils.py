@@ -83,6 +83,7 @@ def _gpt2(
         pack_impl=getattr(args, "pack_impl", "packed"),
         allow_chopped=getattr(args, "allow_chopped", True),
         label_dataset=label,
+        shared_fs=getattr(args, "use_shared_fs", True),
     )
 
 

@@ -109,6 +109,7 @@ class GPT2Dataset(torch.utils.data.Dataset):
         pack_impl: str = "packed",
         allow_chopped: bool = True,
         label_dataset: MMapIndexedDataset | None = None,
+        shared_fs: bool = True,
     ) -> None:
         self.name = name
         self.indexed_dataset = indexed_dataset
@@ -159,7 +160,9 @@ class GPT2Dataset(torch.utils.data.Dataset):
             f"{seed}s_{pack_impl}_{key}"
         )
         directories = [os.path.dirname(os.path.abspath(prefix)), index_cache.fallback_dir()]
-        index = index_cache.load_or_build(index_cache.IndexCache(directories, stem), build)
+        index = index_cache.load_or_build(
+            index_cache.IndexCache(directories, stem), build, shared_fs
+        )
         self.index = index
         self.doc_idx, self.sample_idx, self.shuffle_idx, self.epoch_ends = index
 

@@ -6,8 +6,9 @@ changed dataset or config gets a fresh entry instead of a stale one.
 
 Location: beside the dataset (`{dir}/{dataset name}_{split}_indexmap_..._{hash}_{array}.npy`,
 as GPT-NeoX does) when that folder is writable, else `$XDG_CACHE_HOME/strata/index` (default
-`~/.cache/strata/index`). Local rank 0 of every node builds a missing entry, writing each file to
-a temporary name and renaming it; an all-reduce then releases the other ranks, which map the files
+`~/.cache/strata/index`). Global rank 0 builds a missing entry when every node sees the same files
+(`use_shared_fs`, NeoX's default), else local rank 0 of every node does, writing each file to a
+temporary name and renaming it; an all-reduce then releases the other ranks, which map the files
 read-only. A failure on the building rank fails every rank instead of leaving them waiting.
 """
 
@@ -106,9 +107,11 @@ def write_array(path: Path, array: np.ndarray) -> None:
         raise
 
 
-def _builds_here() -> bool:
+def _builds_here(shared_fs: bool) -> bool:
     if not (dist.is_available() and dist.is_initialized()):
         return True
+    if shared_fs:
+        return dist.get_rank() == 0
     return int(os.environ.get("LOCAL_RANK", "0")) == 0
 
 
@@ -122,13 +125,16 @@ def _all_succeeded(ok: bool) -> bool:
     return bool(flag.item())
 
 
-def load_or_build(cache: IndexCache, build: Callable[[], IndexArrays]) -> IndexArrays:
-    """The cached entry, building it first (on local rank 0 of each node) when missing.
+def load_or_build(
+    cache: IndexCache, build: Callable[[], IndexArrays], shared_fs: bool = True
+) -> IndexArrays:
+    """The cached entry, building it first when missing: on global rank 0 when the directories
+    are on a filesystem all nodes share (`shared_fs`), else on local rank 0 of each node.
 
     Every process of a distributed run must call this for the same entries in the same order.
     """
     error: BaseException | None = None
-    if _builds_here():
+    if _builds_here(shared_fs):
         try:
             if cache.find() is None:
                 cache.save(build())
@@ -139,5 +145,11 @@ def load_or_build(cache: IndexCache, build: Callable[[], IndexArrays]) -> IndexA
             raise error
         raise DatasetError(
             f"building sample index {cache.stem} failed on another process (see its error)"
+        )
+    if shared_fs and cache.find() is None:
+        raise DatasetError(
+            f"sample index {cache.stem} was built by rank 0 but is not in "
+            f"{', '.join(str(d) for d in cache.directories)} on this node: "
+            "set use_shared_fs: false where nodes do not share these folders"
         )
     return cache.load()

@@ -18,11 +18,18 @@ class Support(enum.Enum):
     HINT = "performance hint"
     # Computed by Strata from other keys; a config file may not set it (the launcher's JSON may).
     DERIVED = "derived"
+    # A setting of a feature Strata refuses (its `gate`): inert, as in NeoX with the feature off.
+    GATED = "only with a feature not supported yet"
 
 
-def arg(default: Any, doc: str, support: Support = Support.YES) -> Any:
-    """A schema field with NeoX's `default`, a one-line `doc` and its `support` level."""
-    return field(default=default, metadata={"doc": doc, "support": support})
+def arg(default: Any, doc: str, support: Support = Support.YES, gate: str | None = None) -> Any:
+    """A schema field with NeoX's `default`, a one-line `doc` and its `support` level.
+
+    `gate` names the refused feature the key belongs to, as "key" (a DEFAULT_ONLY switch) or
+    "key: value" (a value validation refuses); such a key is accepted with any value and unread.
+    """
+    metadata = {"doc": doc, "support": Support.GATED if gate else support, "gate": gate}
+    return field(default=default, metadata=metadata)
 
 
 def field_doc(f: Field[Any]) -> str:

@@ -59,8 +59,12 @@ class NeoXArgsModel:
     rms_norm_epsilon: float = arg(1.0e-8, "RMSNorm epsilon.")
     scalenorm_epsilon: float = arg(1.0e-8, "ScaleNorm epsilon.")
     pos_emb: PosEmbName = arg("learned", "Positional embedding type.")
-    rpe_num_buckets: int = arg(32, "T5 relative position buckets (pos_emb rpe).")
-    rpe_max_distance: int = arg(128, "T5 relative position maximum distance (pos_emb rpe).")
+    rpe_num_buckets: int = arg(
+        32, "T5 relative position buckets (pos_emb rpe).", gate="pos_emb: rpe"
+    )
+    rpe_max_distance: int = arg(
+        128, "T5 relative position maximum distance (pos_emb rpe).", gate="pos_emb: rpe"
+    )
     opt_pos_emb_offset: int = arg(0, "Learned position offset (OPT uses 2).", DEFAULT_ONLY)
     no_weight_tying: bool = arg(False, "Untie the input embedding and the output layer.")
     attention_config: list | None = arg(
@@ -74,7 +78,9 @@ class NeoXArgsModel:
     )
     te_mha: bool = arg(False, "Use Transformer Engine attention (same as attention_backend: te).")
     num_unique_layers: int | None = arg(None, "Share parameters across layers.", DEFAULT_ONLY)
-    param_sharing_style: str = arg("grouped", "Order of shared layers (with num_unique_layers).")
+    param_sharing_style: str = arg(
+        "grouped", "Order of shared layers (with num_unique_layers).", gate="num_unique_layers"
+    )
     make_vocab_size_divisible_by: int = arg(128, "Pad the vocabulary to a multiple of this.")
     activation: ActivationName = arg(
         "gelu", "MLP activation function (geglu, swiglu, reglu, glu, bilinear: gated)."
@@ -111,7 +117,11 @@ class NeoXArgsModel:
     output_layer_init_method: InitMethodName = arg(
         "scaled_normal", "Initialisation of residual output projections."
     )
-    gmlp_attn_dim: int = arg(64, "Attention width inside gMLP blocks (attention type gmlp).")
+    gmlp_attn_dim: int = arg(
+        64,
+        "Attention width inside gMLP blocks (attention type gmlp).",
+        gate="attention_config: gmlp",
+    )
     gpt_j_residual: bool = arg(False, "Parallel residual: x + attn(ln1(x)) + mlp(ln2(x)).")
     gpt_j_tied: bool = arg(False, "With gpt_j_residual, share one norm for attention and MLP.")
     use_bias_in_norms: bool = arg(True, "Norm layers have a bias.")
@@ -121,12 +131,26 @@ class NeoXArgsModel:
     mamba_selective_scan_fusion: bool = arg(False, "Fused Mamba selective scan.", HINT)
     mamba_causal_conv_fusion: bool = arg(False, "Fused Mamba causal conv1d.", HINT)
     mamba_inner_func_fusion: bool = arg(False, "Fused Mamba inner function.", HINT)
-    mamba_selective_fp32_params: bool = arg(True, "Keep Mamba A and D in fp32 (Mamba layers).")
-    mamba_use_bias_in_conv: bool = arg(True, "Mamba conv1d bias (Mamba layers).")
-    mamba_use_bias_in_linears: bool = arg(False, "Mamba projection biases (Mamba layers).")
-    output_layer_parallelism: Literal["row", "column"] = arg(
-        "column", "Split the output layer over hidden (row) or vocab (column) under TP."
+    mamba_selective_fp32_params: bool = arg(
+        True, "Keep Mamba A and D in fp32 (Mamba layers).", gate="attention_config: mamba"
     )
-    dim_att: int | None = arg(None, "RWKV attention width (RWKV layers).")
-    head_size: int | None = arg(None, "RWKV head size (RWKV layers).")
-    ffn_dim: int | None = arg(None, "RWKV feed-forward width (RWKV layers).")
+    mamba_use_bias_in_conv: bool = arg(
+        True, "Mamba conv1d bias (Mamba layers).", gate="attention_config: mamba"
+    )
+    mamba_use_bias_in_linears: bool = arg(
+        False, "Mamba projection biases (Mamba layers).", gate="attention_config: mamba"
+    )
+    output_layer_parallelism: Literal["row", "column"] = arg(
+        "column",
+        "Split the output layer over hidden (row) or vocab (column) under TP.",
+        DEFAULT_ONLY,
+    )
+    dim_att: int | None = arg(
+        None, "RWKV attention width (RWKV layers).", gate="attention_config: rwkv"
+    )
+    head_size: int | None = arg(
+        None, "RWKV head size (RWKV layers).", gate="attention_config: rwkv"
+    )
+    ffn_dim: int | None = arg(
+        None, "RWKV feed-forward width (RWKV layers).", gate="attention_config: rwkv"
+    )

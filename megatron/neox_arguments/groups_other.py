@@ -25,7 +25,9 @@ class NeoXArgsParallelism:
         "Megatron sequence parallelism: activations between tensor-parallel regions are split "
         "along the sequence (no effect at model_parallel_size 1; training only).",
     )
-    expert_interval: int = arg(2, "One MoE layer every this many layers (with MoE).")
+    expert_interval: int = arg(
+        2, "One MoE layer every this many layers (with MoE).", gate="moe_num_experts"
+    )
 
 
 @dataclass
@@ -55,9 +57,11 @@ class NeoXArgsLRScheduler:
     )
     min_lr: float = arg(0.0, "Floor of the learning rate.")
     warmup: float = arg(0.01, "Warmup length as a fraction of the decay iterations.")
-    override_lr_scheduler: bool = arg(False, "Take schedule settings from the config on resume.")
+    override_lr_scheduler: bool = arg(
+        False, "Take schedule settings from the config on resume (else they must match)."
+    )
     use_checkpoint_lr_scheduler: bool = arg(
-        False, "Take schedule settings from the checkpoint on resume.", DEFAULT_ONLY
+        False, "Take schedule settings from the checkpoint on resume."
     )
 
 
@@ -75,24 +79,32 @@ class NeoXArgsLogging:
     log_dir: str | None = arg(None, "Directory for logs and metrics.jsonl.")
     tensorboard_dir: str | None = arg(None, "Directory for TensorBoard event files.")
     use_comet: bool | None = arg(None, "Log to Comet.", DEFAULT_ONLY)
-    comet_workspace: str | None = arg(None, "Comet workspace (with use_comet).")
-    comet_project: str | None = arg(None, "Comet project (with use_comet).")
-    comet_experiment_name: str | None = arg(None, "Comet experiment name (with use_comet).")
-    comet_tags: list | None = arg(None, "Comet tags (with use_comet).")
-    comet_others: dict | None = arg(None, "Comet metadata (with use_comet).")
+    comet_workspace: str | None = arg(None, "Comet workspace (with use_comet).", gate="use_comet")
+    comet_project: str | None = arg(None, "Comet project (with use_comet).", gate="use_comet")
+    comet_experiment_name: str | None = arg(
+        None, "Comet experiment name (with use_comet).", gate="use_comet"
+    )
+    comet_tags: list | None = arg(None, "Comet tags (with use_comet).", gate="use_comet")
+    comet_others: dict | None = arg(None, "Comet metadata (with use_comet).", gate="use_comet")
     log_interval: int = arg(100, "Iterations between training log lines.")
     log_grad_pct_zeros: bool = arg(False, "Log the fraction of zero gradients.", DEFAULT_ONLY)
     log_param_norm: bool = arg(False, "Log parameter norms.", DEFAULT_ONLY)
     log_grad_norm: bool = arg(False, "Log gradient norms (Strata always logs grad_norm).", HINT)
     log_optimizer_states: bool = arg(False, "Log optimizer-state norms.", DEFAULT_ONLY)
     log_gradient_noise_scale: bool = arg(False, "Log the gradient noise scale.", DEFAULT_ONLY)
-    gradient_noise_scale_n_batches: int = arg(5, "Batches for the gradient noise scale.")
-    gradient_noise_scale_cpu_offload: bool = arg(False, "Offload gradient-noise buffers to CPU.")
+    gradient_noise_scale_n_batches: int = arg(
+        5, "Batches for the gradient noise scale.", gate="log_gradient_noise_scale"
+    )
+    gradient_noise_scale_cpu_offload: bool = arg(
+        False, "Offload gradient-noise buffers to CPU.", gate="log_gradient_noise_scale"
+    )
     memory_profiling: bool = arg(False, "Take a CUDA memory snapshot.", DEFAULT_ONLY)
-    memory_profiling_path: str | None = arg(None, "Where to write the memory snapshot.")
+    memory_profiling_path: str | None = arg(
+        None, "Where to write the memory snapshot.", gate="memory_profiling"
+    )
     profile: bool = arg(False, "Enable nsys/PyTorch profiling.", DEFAULT_ONLY)
-    profile_step_start: int = arg(10, "First profiled step (with profile).")
-    profile_step_stop: int = arg(12, "Last profiled step (with profile).")
+    profile_step_start: int = arg(10, "First profiled step (with profile).", gate="profile")
+    profile_step_stop: int = arg(12, "Last profiled step (with profile).", gate="profile")
 
 
 @dataclass
@@ -131,22 +143,38 @@ class NeoXArgsTextgen:
     recompute: bool = arg(False, "Recompute attention instead of using the KV cache.")
     eval_results_prefix: str = arg("", "Prefix of the evaluation results file.")
     eval_tasks: list | None = arg(None, "lm-evaluation-harness tasks.")
-    moe_top_k: int = arg(1, "Experts per token (with MoE).")
-    use_tutel: bool = arg(False, "Tutel MoE kernels (with MoE).")
+    moe_top_k: int = arg(1, "Experts per token (with MoE).", gate="moe_num_experts")
+    use_tutel: bool = arg(False, "Tutel MoE kernels (with MoE).", gate="moe_num_experts")
     moe_num_experts: int = arg(1, "Number of MoE experts (1 = dense).", DEFAULT_ONLY)
-    moe_loss_coeff: float = arg(0.1, "MoE auxiliary loss coefficient (with MoE).")
-    moe_train_capacity_factor: float = arg(1.0, "Expert capacity in training (with MoE).")
-    moe_eval_capacity_factor: float = arg(1.0, "Expert capacity in evaluation (with MoE).")
-    moe_min_capacity: int = arg(4, "Minimum expert capacity (with MoE).")
-    moe_token_dropping: bool = arg(False, "Drop tokens over capacity (with MoE).")
-    create_moe_param_group: bool = arg(True, "Separate MoE parameter group (with MoE).")
-    moe_use_residual: bool = arg(True, "Residual MoE (with MoE).")
-    moe_expert_parallel_size: int = arg(1, "Expert-parallel size (with MoE).")
-    moe_type: str = arg("megablocks", "MoE implementation (with MoE).")
-    moe_glu: bool = arg(False, "Gated experts (with MoE).")
-    moe_lbl_in_fp32: bool = arg(False, "Load-balancing loss in fp32 (with MoE).")
-    moe_jitter_eps: float | None = arg(None, "Router jitter (with MoE).")
-    enable_expert_tensor_parallelism: bool = arg(False, "Expert tensor parallelism (with MoE).")
+    moe_loss_coeff: float = arg(
+        0.1, "MoE auxiliary loss coefficient (with MoE).", gate="moe_num_experts"
+    )
+    moe_train_capacity_factor: float = arg(
+        1.0, "Expert capacity in training (with MoE).", gate="moe_num_experts"
+    )
+    moe_eval_capacity_factor: float = arg(
+        1.0, "Expert capacity in evaluation (with MoE).", gate="moe_num_experts"
+    )
+    moe_min_capacity: int = arg(4, "Minimum expert capacity (with MoE).", gate="moe_num_experts")
+    moe_token_dropping: bool = arg(
+        False, "Drop tokens over capacity (with MoE).", gate="moe_num_experts"
+    )
+    create_moe_param_group: bool = arg(
+        True, "Separate MoE parameter group (with MoE).", gate="moe_num_experts"
+    )
+    moe_use_residual: bool = arg(True, "Residual MoE (with MoE).", gate="moe_num_experts")
+    moe_expert_parallel_size: int = arg(
+        1, "Expert-parallel size (with MoE).", gate="moe_num_experts"
+    )
+    moe_type: str = arg("megablocks", "MoE implementation (with MoE).", gate="moe_num_experts")
+    moe_glu: bool = arg(False, "Gated experts (with MoE).", gate="moe_num_experts")
+    moe_lbl_in_fp32: bool = arg(
+        False, "Load-balancing loss in fp32 (with MoE).", gate="moe_num_experts"
+    )
+    moe_jitter_eps: float | None = arg(None, "Router jitter (with MoE).", gate="moe_num_experts")
+    enable_expert_tensor_parallelism: bool = arg(
+        False, "Expert tensor parallelism (with MoE).", gate="moe_num_experts"
+    )
 
 
 @dataclass
@@ -162,9 +190,15 @@ class NeoXArgsOther:
     local_rank: int | None = arg(None, "Local rank (set by the launcher).", DERIVED)
     rank: int | None = arg(None, "Global rank (set by the launcher).", DERIVED)
     lazy_mpu_init: bool = arg(False, "Defer model-parallel initialisation.", DEFAULT_ONLY)
-    short_seq_prob: float = arg(0.1, "Probability of a short sequence (BERT-style data).")
+    short_seq_prob: float = arg(
+        0.1,
+        "Probability of a short sequence (BERT-style data; NeoX reads it nowhere).",
+        DEFAULT_ONLY,
+    )
     adlr_autoresume: bool = arg(False, "ADLR cluster auto-resume.", DEFAULT_ONLY)
-    adlr_autoresume_interval: int = arg(1000, "Auto-resume check interval (with adlr_autoresume).")
+    adlr_autoresume_interval: int = arg(
+        1000, "Auto-resume check interval (with adlr_autoresume).", gate="adlr_autoresume"
+    )
     seed: int = arg(1234, "Random seed for Python, NumPy and PyTorch.")
     onnx_safe: bool = arg(False, "Workarounds for the ONNX exporter.", HINT)
     deepscale: bool = arg(False, "Deprecated DeepSpeed flag with no effect.", HINT)

@@ -62,10 +62,14 @@ class NeoXArgsTraining:
     train_impl: Annotated[str, Registered("train_impl", refused=("rm",))] = arg(
         "normal", "Training objective (megatron/losses.py registry; rm is not supported yet)."
     )
-    dpo_fp32: bool = arg(True, "Compute the DPO loss in fp32 (Strata's log-probs always are).")
+    dpo_fp32: bool = arg(
+        True, "DPO log-probs in fp32 (Strata always computes them so).", DEFAULT_ONLY
+    )
     dpo_reference_free: bool = arg(False, "DPO without a reference model (its log-probs = 0).")
     dpo_beta: float = arg(0.1, "DPO beta.")
-    kto_fp32: bool = arg(True, "Compute the KTO loss in fp32 (Strata's log-probs always are).")
+    kto_fp32: bool = arg(
+        True, "KTO log-probs in fp32 (Strata always computes them so).", DEFAULT_ONLY
+    )
     kto_desirable_weight: float = arg(1.0, "KTO weight of desirable examples.")
     kto_undesirable_weight: float = arg(1.0, "KTO weight of undesirable examples.")
     z_loss: float = arg(0.0, "Z-loss coefficient (reward-model training).", DEFAULT_ONLY)
@@ -76,7 +80,9 @@ class NeoXArgsTraining:
     mmap_warmup: bool = arg(False, "Read the memory-mapped files once at start.", HINT)
     save: str | None = arg(None, "Directory to save checkpoints to.")
     s3_path: str | None = arg(None, "S3 bucket to upload checkpoints to.", DEFAULT_ONLY)
-    s3_chunk_size: int = arg(104_857_600, "S3 upload chunk size in bytes (with s3_path).")
+    s3_chunk_size: int = arg(
+        104_857_600, "S3 upload chunk size in bytes (with s3_path).", gate="s3_path"
+    )
     config_files: dict | None = arg(None, "Original config file texts by file name.", DERIVED)
     load: str | None = arg(None, "Directory to load a checkpoint from.")
     checkpoint_validation_with_forward_pass: bool = arg(
@@ -168,7 +174,9 @@ class NeoXArgsTraining:
     mup_attn_temp: float = arg(1.0, "muP attention temperature (with use_mup).")
     mup_output_temp: float = arg(1.0, "muP output logits multiplier (with use_mup).")
     mup_embedding_mult: float = arg(1.0, "muP embedding multiplier (with use_mup).")
-    mup_rp_embedding_mult: float = arg(1.0, "muP relative-position multiplier (with use_mup).")
+    mup_rp_embedding_mult: float = arg(
+        1.0, "muP relative-position multiplier (with use_mup).", gate="pos_emb: rpe"
+    )
     mup_width_scale: int = arg(
         2, "muP delta-model width scale for save_base_shapes (not used by Strata).", DEFAULT_ONLY
     )
