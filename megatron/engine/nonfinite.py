@@ -2,9 +2,9 @@
 stops training (``skip_nonfinite_steps``).
 
 ``NonFiniteGuard`` is a step pre-hook on the torch optimizer that DeepSpeed (or its ZeRO/bf16
-wrapper) steps. Before the first update of a step it reduces one flag over the whole world
-(a loss this rank saw, or a gradient this rank holds, is not finite), so every data, tensor and
-pipeline rank takes the same decision; on a bad step it drops the gradients, and a torch
+wrapper) steps. Before the first update of a step it reduces two flags over the whole world
+(a loss this rank saw is not finite; a gradient this rank holds is not finite), so every data,
+tensor and pipeline rank takes the same decision; on a bad step it drops the gradients, and a torch
 optimizer leaves a parameter without ``.grad`` untouched: no update, no change to its state
 (moments, step count), no weight decay. DeepSpeed's ZeRO and bf16 wrappers already skip when
 their global norm is not finite (before this hook would run); ``problem`` reads the step's
