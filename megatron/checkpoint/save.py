@@ -408,9 +408,12 @@ def save_weights_checkpoint(
     tensors: dict[str, torch.Tensor],
     config_files: dict[str, str] | None = None,
     iteration: int = 0,
+    train_state: dict | None = None,
 ) -> Path:
     """A checkpoint holding only model weights (e.g. a converted Hugging Face model), in the
-    same format; load it with `finetune: true` or `no_load_optim: true`. One process only."""
+    same format; load it with `finetune: true` or `no_load_optim: true` (which also resumes
+    the `train_state`: iteration and data position, e.g. of an imported NeoX run). One process
+    only."""
     save_dir = Path(save_dir)
     tmp = save_dir / f".{tag_for(iteration)}.tmp"
     save_dir.mkdir(parents=True, exist_ok=True)
@@ -425,7 +428,7 @@ def save_weights_checkpoint(
         "optimizer_step": 0,
         "optimizer_state_keys": [],
         "scheduler": None,
-        "train_state": {},
+        "train_state": dict(train_state or {}),
         "shapes": {name: list(t.shape) for name, t in tensors.items()},
         "padded_vocab_size": tensors[EMBEDDING].shape[0],
         "dtype": str(next(iter(tensors.values())).dtype).replace("torch.", ""),
