@@ -16,9 +16,12 @@ from conftest import run_tool
 from safetensors.torch import load_file, save_file
 from test_hf_conversion import VOCAB, make_hf, strata_model, tokens
 
+from megatron.checkpoint.load import load_checkpoint
 from megatron.checkpoint.reader import read_model_tensors
 from megatron.checkpoint.save import save_weights_checkpoint
 from megatron.conversion import ConversionError
+from megatron.conversion.strata_io import model_args
+from megatron.model import GPTModel, ModelConfig
 from tools.ckpts.convert_hf_to_neox import convert_hf_to_neox
 from tools.ckpts.export_neox import export_neox
 from tools.ckpts.export_neox import main as export_main
@@ -347,3 +350,43 @@ def test_command_line_tools(tmp_path, sources, capsys):
     assert "iteration 0, 0 samples consumed" in capsys.readouterr().out
     assert import_main([*neox, "--output", str(tmp_path / "back2"), "--iteration", "5"]) == 1
     assert "error: " in capsys.readouterr().err
+
+
+def test_import_with_optimizer_through_ds_to_universal(tmp_path, sources):
+    """A real DeepSpeed ZeRO-1 checkpoint of a NeoX-named model after one Adam step on
+    sum(p^2) (gradient 2p): the imported moments are 0.1 x 2w and 0.001 x (2w)^2 of the
+    original weights w, and a Strata model with Adam loads them."""
+    source = sources["gpt_neox_parallel"]
+    step = export_neox(source / "ckpt", [source / "ckpt" / "config.yml"], tmp_path / "neox")
+    model_file = step / "mp_rank_00_model_states.pt"
+    run_tool("tests/_neox_zero.py", str(model_file), str(tmp_path / "zero"), "4")
+    config = tmp_path / "neox" / "config.yml"
+    ckpt, state = import_neox(tmp_path / "zero", [config], tmp_path / "back", with_optimizer=True)
+    assert state == {"iteration": 4, "consumed_train_samples": 1, "consumed_valid_samples": 0}
+    folder = ckpt / "global_step4"
+    metadata = json.loads((folder / "metadata.json").read_text())
+    assert metadata["optimizer_step"] == 1
+    assert metadata["optimizer_state_keys"] == ["exp_avg", "exp_avg_sq"]
+    original = read_model_tensors(source / "ckpt")
+    optim = load_file(folder / "optimizer.safetensors")
+    assert sorted(optim) == sorted(
+        f"{n}.{k}" for n in original for k in ("exp_avg", "exp_avg_sq", "master")
+    )
+    for name, weight in original.items():
+        grad = 2 * weight
+        torch.testing.assert_close(optim[f"{name}.exp_avg"], 0.1 * grad, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            optim[f"{name}.exp_avg_sq"], 1e-3 * grad**2, atol=1e-7, rtol=1e-4
+        )
+
+    args = model_args([ckpt / "config.yml"])
+    args.load = str(ckpt)
+    model = GPTModel(ModelConfig.from_neox(args))
+    adam = torch.optim.Adam(model.parameters())
+    assert load_checkpoint(args, model, adam, None)["iteration"] == 4
+    for name, param in model.named_parameters():
+        held = adam.state[param]
+        assert torch.equal(held["exp_avg"], optim[f"{name}.exp_avg"]), name
+        assert int(held["step"]) == 1
+    with pytest.raises(ConversionError, match="no ZeRO optimizer files"):
+        import_neox(tmp_path / "neox", [config], tmp_path / "none", with_optimizer=True)

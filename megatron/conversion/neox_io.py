@@ -8,6 +8,8 @@ them (GPT-NeoX's converter loads them with torch's default, which is that since 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -202,3 +204,74 @@ def write_checkpoint(
         torch.save({"module": module, **client}, folder / sequential_file(rank))
         names.append(sequential_file(rank))
     return sorted(names)
+
+
+# ------------------------------------------------------------------------- optimizer state
+
+UNIVERSAL_STATES = ("fp32", "exp_avg", "exp_avg_sq")
+_PARAM_NAME = re.compile(r"(?:module\.)?(?:sequential\.)?(\d+)\.(.+)")
+_TIED_NAME = re.compile(r"(?:module\.)?tied_modules\.[^.]+\.(.+)")
+
+
+def read_optimizer_states(
+    folder: Path, tp: int, work_dir: Path
+) -> tuple[dict[str, dict[int, list[dict[str, torch.Tensor]]]], int]:
+    """The ZeRO optimizer state of a NeoX checkpoint folder, made per-parameter by DeepSpeed's
+    universal-checkpoint conversion (`deepspeed.checkpoint.ds_to_universal`, run in
+    `work_dir`): per state (fp32, exp_avg, exp_avg_sq), layer -> per rank state dicts (names
+    normalized), and the optimizer's step."""
+    if not list(folder.glob("*_optim_states.pt")):
+        raise ConversionError(
+            f"{folder}: no ZeRO optimizer files (zero_pp_rank_*_mp_rank_*_optim_states.pt): "
+            "import it without --with-optimizer"
+        )
+    universal = work_dir / "universal"
+    command = [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(folder),
+        "--output_folder",
+        str(universal),
+        "--inject_missing_state",
+        "--num_extract_workers",
+        "1",
+        "--num_merge_workers",
+        "1",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-5:]
+        raise ConversionError(
+            f"{folder}: DeepSpeed's ds_to_universal could not convert the optimizer state:\n  "
+            + "\n  ".join(tail)
+        )
+    states: dict[str, dict[int, list[dict[str, torch.Tensor]]]] = {s: {} for s in UNIVERSAL_STATES}
+    step = 0
+    for param_dir in sorted(p for p in (universal / "zero").iterdir() if p.is_dir()):
+        name = param_dir.name
+        if found := _TIED_NAME.fullmatch(name):
+            layer, local = 0, found.group(1)
+        elif found := _PARAM_NAME.fullmatch(name):
+            layer, local = int(found.group(1)), found.group(2)
+        else:
+            raise ConversionError(f"{folder}: optimizer state of {name!r}, not a GPT-NeoX name")
+        for state in UNIVERSAL_STATES:
+            merged = _load(param_dir / f"{state}.pt")["param"]
+            if merged.shape[0] % tp:
+                raise ConversionError(
+                    f"{param_dir / state}.pt: {list(merged.shape)} does not hold {tp} equal "
+                    "tensor-parallel slices"
+                )
+            # Without GPT-NeoX's parallelism patterns the ranks' slices are concatenated by rows.
+            for rank, piece in enumerate(merged.chunk(tp, dim=0)):
+                ranks = states[state].setdefault(layer, [{} for _ in range(tp)])
+                ranks[rank][local] = piece
+        if (param_dir / "step.pt").is_file():
+            step = int(_load(param_dir / "step.pt"))
+    normalized = {
+        state: {layer: [normalize_names(s) for s in ranks] for layer, ranks in layers.items()}
+        for state, layers in states.items()
+    }
+    return normalized, step

@@ -278,13 +278,16 @@ def from_neox_layers(
     config,
     dims: Dims,
     source: str,
+    moments: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Strata's full tensors of every expected parameter from NeoX layers (layer number -> per
     rank state dict, names already normalized); missing, misshapen or unused tensors are one
-    error listing them all."""
+    error listing them all. `moments`: the tensors are optimizer moments, which a row-parallel
+    bias's ranks share (each rank's copy sees the bias's whole gradient): they are averaged."""
     out, used, problems = {}, set(), []
     for name, shape in expected.items():
         where = place(name, config)
+        kind = REPLICATED if moments and where.kind == ROW_BIAS else where.kind
         ranks = layers.get(where.layer)
         label = f"layer {where.layer} {where.name}"
         if not ranks or any(where.name not in state for state in ranks):
@@ -292,7 +295,7 @@ def from_neox_layers(
             continue
         used.add((where.layer, where.name))
         try:
-            tensor = from_shards([state[where.name] for state in ranks], where.kind, dims)
+            tensor = from_shards([state[where.name] for state in ranks], kind, dims)
         except (RuntimeError, ValueError) as err:
             problems.append(f"  {label}: shards do not fit {name} {list(shape)} ({err})")
             continue

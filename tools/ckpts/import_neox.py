@@ -1,7 +1,7 @@
 """Import a GPT-NeoX (DeepSpeed) checkpoint as a Strata checkpoint plus a NeoX-format config.
 
     python tools/ckpts/import_neox.py --input NEOX_DIR --config NEOX.yml [NEOX.yml ...] \
-        --output CKPT_DIR [--iteration N]
+        --output CKPT_DIR [--iteration N] [--with-optimizer]
 
 NEOX_DIR is a GPT-NeoX save directory (its `latest` names the checkpoint; --iteration or the
 config's `iteration` key picks another) or one global_step{N} folder, in the sequential
@@ -9,8 +9,11 @@ config's `iteration` key picks another) or one global_step{N} folder, in the seq
 tensor-parallel size, with today's or older GPT-NeoX MLP names. CKPT_DIR gets a Strata
 checkpoint of the weights that records the NeoX run's iteration and data position, and
 config.yml with the model and tokenizer keys. Continue the run with that config plus your
-setup and `load: CKPT_DIR`, `no_load_optim: true` (the optimizer state is not imported);
-`finetune: true` starts from step 0 instead. Nothing is written unless all succeeds.
+setup and `load: CKPT_DIR`, `no_load_optim: true`; `finetune: true` starts from step 0
+instead. With --with-optimizer the ZeRO optimizer state comes too, made per-parameter by
+DeepSpeed's universal-checkpoint conversion (ds_to_universal), and the run continues with
+`load: CKPT_DIR` alone (the RNG states are not carried over). Nothing is written unless all
+succeeds.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import yaml
 from megatron.checkpoint.save import save_weights_checkpoint
 from megatron.cli import exit_status
 from megatron.conversion import ConversionError
-from megatron.conversion.neox_io import read_checkpoint, resolve_folder
+from megatron.conversion.neox_io import read_checkpoint, read_optimizer_states, resolve_folder
 from megatron.conversion.neox_layout import embedding_layer, from_neox_layers
 from megatron.conversion.strata_io import (
     architecture_values,
@@ -75,6 +78,7 @@ def import_neox(
     config_files: list[str | os.PathLike[str]],
     output: str | os.PathLike[str],
     iteration: int | None = None,
+    with_optimizer: bool = False,
 ) -> tuple[Path, dict[str, int]]:
     """Write the Strata checkpoint folder `output`; returns it and the train state recorded."""
     output = Path(output)
@@ -102,12 +106,10 @@ def import_neox(
             f"{tokenizer.vocab_size} tokens"
         )
     config = dataclasses.replace(config, padded_vocab_size=rows)
+    expected, dims = expected_shapes(config), dims_for(config, tokenizer.vocab_size)
+    layout = f"{checkpoint.layout} layout, tensor parallel {checkpoint.tensor_parallel}"
     tensors = from_neox_layers(
-        checkpoint.layers,
-        expected_shapes(config),
-        config,
-        dims_for(config, tokenizer.vocab_size),
-        source=f"{folder} ({checkpoint.layout} layout, tensor parallel {checkpoint.tensor_parallel})",
+        checkpoint.layers, expected, config, dims, source=f"{folder} ({layout})"
     )
     step = int(folder.name.removeprefix("global_step")) if folder.name[11:].isdigit() else 0
     state = train_state(checkpoint.client_state, step, config_files)
@@ -123,14 +125,48 @@ def import_neox(
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
+        optimizer, step = {}, 0
+        if with_optimizer:
+            optimizer, step = _optimizer(folder, checkpoint, expected, config, dims, staging)
         (staging / CONFIG_NAME).write_text(text)
-        save_weights_checkpoint(staging, tensors, {CONFIG_NAME: text}, state["iteration"], state)
+        save_weights_checkpoint(
+            staging,
+            tensors,
+            {CONFIG_NAME: text},
+            state["iteration"],
+            state,
+            optimizer=optimizer,
+            optimizer_step=step,
+            scheduler={"num_iters": state["iteration"]},
+        )
         staging.chmod(0o755)
         os.replace(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return output, state
+
+
+def _optimizer(folder, checkpoint, expected, config, dims, staging: Path):
+    """Strata's optimizer tensors ("{name}.exp_avg", "{name}.exp_avg_sq", and "{name}.master"
+    for a model not in fp32) and step, from the ZeRO state through ds_to_universal."""
+    work = staging / ".universal"
+    states, step = read_optimizer_states(folder, checkpoint.tensor_parallel, work)
+    optimizer = {}
+    for state, layers in states.items():
+        tensors = from_neox_layers(
+            layers,
+            expected,
+            config,
+            dims,
+            source=f"{folder} optimizer state {state!r} (from ds_to_universal)",
+            moments=state != "fp32",
+        )
+        key = "master" if state == "fp32" else state
+        for name, tensor in tensors.items():
+            optimizer[f"{name}.{key}"] = tensor.float()
+    shutil.rmtree(work)
+    return optimizer, step
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,10 +180,17 @@ def main(argv: list[str] | None = None) -> int:
         help="import global_step{N} instead of the one `latest` names (default: the config's "
         "iteration key, if set)",
     )
+    parser.add_argument(
+        "--with-optimizer",
+        action="store_true",
+        help="also import the ZeRO optimizer state (through DeepSpeed's ds_to_universal)",
+    )
     args = parser.parse_args(argv)
 
     def work() -> int | None:
-        out, state = import_neox(args.input, args.config, args.output, args.iteration)
+        out, state = import_neox(
+            args.input, args.config, args.output, args.iteration, args.with_optimizer
+        )
         print(
             f"wrote {out} (config: {out / CONFIG_NAME}; iteration {state['iteration']}, "
             f"{state['consumed_train_samples']} samples consumed)"
