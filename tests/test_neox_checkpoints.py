@@ -188,9 +188,18 @@ def _rewrite_sequential(step: Path, llama: bool) -> None:
 
 
 def _older_names(module: dict, llama: bool) -> dict:
+    """Older GPT-NeoX names; for the Llama case (GQA: 4 heads, 2 key/value heads, one rank's
+    share of each here) also its older attention rows: per query head, q then an equal share
+    of the rank's k rows and of its v rows."""
     renamed = {}
     for key, value in module.items():
-        if llama and key.endswith("mlp.linear1.weight"):
+        if llama and key.endswith("attention.query_key_value.weight"):
+            heads, hd, rest = 2, 16, value.shape[1:]  # per rank of TP 2: 2 heads, 1 kv head
+            q, k, v = value.split([heads * hd, hd, hd])
+            share = hd // heads
+            parts = [q.reshape(heads, hd, *rest)] + [t.reshape(heads, share, *rest) for t in (k, v)]
+            renamed[key] = torch.cat(parts, dim=1).reshape(-1, *rest)
+        elif llama and key.endswith("mlp.linear1.weight"):
             up, gate = value.chunk(2)
             renamed[key.replace("linear1", "w1")] = gate
             renamed[key.replace("linear1", "w3")] = up

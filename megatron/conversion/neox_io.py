@@ -18,7 +18,12 @@ import numpy as np
 import torch
 
 from megatron.conversion.hf_config import ConversionError
-from megatron.conversion.neox_layout import layer_file, normalize_names, sequential_file
+from megatron.conversion.neox_layout import (
+    LEGACY_MLP,
+    layer_file,
+    normalize_names,
+    sequential_file,
+)
 
 LAYOUTS = ("sequential", "pipeline")
 _SEQUENTIAL_KEY = re.compile(r"sequential\.(\d+)\.(.+)")
@@ -34,6 +39,7 @@ class NeoXCheckpoint(NamedTuple):
     tensor_parallel: int
     layers: dict[int, list[dict[str, torch.Tensor]]]  # layer -> per rank, normalized names
     client_state: dict[str, Any]  # mp_rank_00's entries other than the module
+    legacy_names: bool  # older GPT-NeoX MLP names (and its grouped-query row layout)
 
 
 def resolve_folder(neox_dir: str | Path, iteration: int | None = None) -> Path:
@@ -120,8 +126,9 @@ def read_checkpoint(folder: Path) -> NeoXCheckpoint:
             _sequential_layers(mp_files[rank], state, rank, tp, layers)
         client = states[0]
     client = {k: v for k, v in dict(client).items() if k != "module"}
+    legacy = any(LEGACY_MLP.fullmatch(k) for ranks in layers.values() for k in ranks[0])
     layers = {layer: [normalize_names(s) for s in ranks] for layer, ranks in layers.items()}
-    return NeoXCheckpoint(folder, layout, tp, dict(sorted(layers.items())), client)
+    return NeoXCheckpoint(folder, layout, tp, dict(sorted(layers.items())), client, legacy)
 
 
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:

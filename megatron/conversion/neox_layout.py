@@ -22,7 +22,9 @@ state dict. Each rank holds its shard of a tensor, as GPT-NeoX's tensor-parallel
     replicated  norms: every rank holds the whole tensor (NeoX's converter averages them)
     qkv         attention.query_key_value: with as many key/value heads as query heads, per
                 head [q; k; v] rows (the rank's heads, in order); with grouped-query attention,
-                [q of the rank's heads; k of its key/value heads; v of them]
+                [q of the rank's heads; k of its key/value heads; v of them] (GPT-NeoX releases
+                with the older MLP names instead gave each query head its q rows followed by
+                an equal share of the rank's k rows and of its v rows: read as such)
     gated       mlp.linear1 of a gated MLP (SwiGLU, GEGLU): the rank's [up; gate] rows, the other
                 order from Strata's and Hugging Face's [gate; up]
 
@@ -200,6 +202,17 @@ def _qkv_to_shards(full: torch.Tensor, dims: Dims, tp: int) -> list[torch.Tensor
     return shards
 
 
+def legacy_gqa_to_blocked(shard: torch.Tensor, dims: Dims, tp: int) -> torch.Tensor:
+    """One rank's grouped-query rows of older GPT-NeoX releases ([q; k share; v share] per
+    query head) as today's [q; k; v] blocks."""
+    heads_r, kv_r, hd = dims.heads // tp, dims.kv_heads // tp, dims.head_dim
+    share = kv_r * hd // heads_r
+    rest = shard.shape[1:]
+    per_head = shard.reshape(heads_r, hd + 2 * share, *rest)
+    q, k, v = per_head.split([hd, share, share], dim=1)
+    return torch.cat([t.reshape(-1, *rest) for t in (q, k, v)])
+
+
 def _qkv_from_shards(shards: list[torch.Tensor], dims: Dims) -> torch.Tensor:
     if dims.kv_heads == dims.heads:
         return torch.cat(shards, dim=0)
@@ -246,6 +259,9 @@ def to_neox_layers(
     return dict(sorted(layers.items()))
 
 
+LEGACY_MLP = re.compile(r"mlp\.(dense_h_to_4h|dense_4h_to_h|w1|w2|w3)\..+")
+
+
 def normalize_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """One rank's layer state dict under today's names: older GPT-NeoX MLP names
     (dense_h_to_4h / dense_4h_to_h; LLaMA-style w1 (gate), w3 (up), w2 (down)) become
@@ -279,6 +295,7 @@ def from_neox_layers(
     dims: Dims,
     source: str,
     moments: bool = False,
+    legacy_gqa: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Strata's full tensors of every expected parameter from NeoX layers (layer number -> per
     rank state dict, names already normalized); missing, misshapen or unused tensors are one
@@ -294,8 +311,11 @@ def from_neox_layers(
             problems.append(f"  {label}: missing (needed for {name}, {list(shape)})")
             continue
         used.add((where.layer, where.name))
+        shards = [state[where.name] for state in ranks]
         try:
-            tensor = from_shards([state[where.name] for state in ranks], kind, dims)
+            if kind == QKV and legacy_gqa and dims.kv_heads != dims.heads:
+                shards = [legacy_gqa_to_blocked(s, dims, len(shards)) for s in shards]
+            tensor = from_shards(shards, kind, dims)
         except (RuntimeError, ValueError) as err:
             problems.append(f"  {label}: shards do not fit {name} {list(shape)} ({err})")
             continue

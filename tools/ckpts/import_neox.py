@@ -109,7 +109,12 @@ def import_neox(
     expected, dims = expected_shapes(config), dims_for(config, tokenizer.vocab_size)
     layout = f"{checkpoint.layout} layout, tensor parallel {checkpoint.tensor_parallel}"
     tensors = from_neox_layers(
-        checkpoint.layers, expected, config, dims, source=f"{folder} ({layout})"
+        checkpoint.layers,
+        expected,
+        config,
+        dims,
+        source=f"{folder} ({layout})",
+        legacy_gqa=checkpoint.legacy_names,
     )
     step = int(folder.name.removeprefix("global_step")) if folder.name[11:].isdigit() else 0
     state = train_state(checkpoint.client_state, step, config_files)
@@ -161,6 +166,7 @@ def _optimizer(folder, checkpoint, expected, config, dims, staging: Path):
             dims,
             source=f"{folder} optimizer state {state!r} (from ds_to_universal)",
             moments=state != "fp32",
+            legacy_gqa=checkpoint.legacy_names,
         )
         key = "master" if state == "fp32" else state
         for name, tensor in tensors.items():
