@@ -30,6 +30,7 @@ from megatron.checkpoint.format import (
     FORMAT_VERSION,
     METADATA_FILE,
     MODEL_FILE,
+    OPTIMIZER_FILE,
     CheckpointError,
     shard_files,
     tag_for,
@@ -408,9 +409,16 @@ def save_weights_checkpoint(
     tensors: dict[str, torch.Tensor],
     config_files: dict[str, str] | None = None,
     iteration: int = 0,
+    train_state: dict | None = None,
+    optimizer: dict[str, torch.Tensor] | None = None,
+    optimizer_step: int = 0,
+    scheduler: dict | None = None,
 ) -> Path:
     """A checkpoint holding only model weights (e.g. a converted Hugging Face model), in the
-    same format; load it with `finetune: true` or `no_load_optim: true`. One process only."""
+    same format; load it with `finetune: true` or `no_load_optim: true` (which also resumes
+    the `train_state`: iteration and data position, e.g. of an imported NeoX run). With
+    `optimizer` ("{name}.{key}" tensors, e.g. of an imported NeoX run's optimizer) it is a full
+    resume but for the RNG states. One process only."""
     save_dir = Path(save_dir)
     tmp = save_dir / f".{tag_for(iteration)}.tmp"
     save_dir.mkdir(parents=True, exist_ok=True)
@@ -418,14 +426,22 @@ def save_weights_checkpoint(
     tmp.mkdir()
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     save_file(tensors, tmp / MODEL_FILE, metadata={"format": "strata"})
+    files = {"model": [MODEL_FILE]}
+    keys: list[str] = []
+    if optimizer:
+        optimizer = {name: t.detach().to("cpu").contiguous() for name, t in optimizer.items()}
+        save_file(optimizer, tmp / OPTIMIZER_FILE, metadata={"format": "strata"})
+        files["optimizer"] = [OPTIMIZER_FILE]
+        keys = sorted({n.rsplit(".", 1)[1] for n in optimizer} - {MASTER})
     metadata = {
         "format_version": FORMAT_VERSION,
         "iteration": iteration,
-        "weights_only": True,
-        "optimizer_step": 0,
-        "optimizer_state_keys": [],
-        "scheduler": None,
-        "train_state": {},
+        "weights_only": not optimizer,
+        "optimizer_step": optimizer_step if optimizer else 0,
+        "optimizer_state_keys": keys,
+        "scheduler": scheduler if optimizer else None,
+        "rng": False,
+        "train_state": dict(train_state or {}),
         "shapes": {name: list(t.shape) for name, t in tensors.items()},
         "padded_vocab_size": tensors[EMBEDDING].shape[0],
         "dtype": str(next(iter(tensors.values())).dtype).replace("torch.", ""),
@@ -435,10 +451,11 @@ def save_weights_checkpoint(
             "tensor_parallel_size": 1,
             "pipe_parallel_size": 1,
         },
-        "files": {"model": [MODEL_FILE]},
+        "files": files,
     }
     digests = _write_configs(tmp, config_files or {})
-    digests[MODEL_FILE] = file_sha256(tmp / MODEL_FILE)
+    for name in files.values():
+        digests[name[0]] = file_sha256(tmp / name[0])
     atomic_write_json(tmp / METADATA_FILE, {**metadata, "sha256": dict(sorted(digests.items()))})
     return publish(save_dir, tmp, iteration)
 

@@ -48,6 +48,11 @@ def _architecture_values(config_files: list[str | os.PathLike[str]]) -> dict[str
     return {k: v for k, v in raw.values.items() if k in ARCHITECTURE_KEYS}
 
 
+def architecture_values(config_files: list[str | os.PathLike[str]]) -> dict[str, Any]:
+    """The model and tokenizer keys the config files set (merged as NeoX merges them)."""
+    return _architecture_values(config_files)
+
+
 def configured_iteration(config_files: list[str | os.PathLike[str]]) -> int | None:
     """The `iteration` key of the config files (NeoX: the checkpoint step to load), if set."""
     problems = Problems()
