@@ -64,10 +64,10 @@ def wandb_config(args) -> dict | None:
     return json.loads(json.dumps(redact_values(values), default=str))
 
 
-def start_wandb(args):
+def start_wandb(args, run_id: str | None = None):
     """A W&B run on `wandb_host` (WANDB_MODE=offline works without a network; such runs sync
-    later with `wandb sync`). With wandb_init_all_ranks the runs of one job share
-    `wandb_group` and are named by rank."""
+    later with `wandb sync`); `run_id` continues that run (a resumed or requeued job). With
+    wandb_init_all_ranks the runs of one job share `wandb_group` and are named by rank."""
     import wandb
 
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -76,6 +76,8 @@ def start_wandb(args):
         group=args.wandb_group,
         entity=args.wandb_team,
         name=f"rank{rank}" if args.wandb_init_all_ranks else None,
+        id=run_id,
+        resume="allow" if run_id else None,
         dir=args.log_dir,
         config=wandb_config(args),
         settings=wandb.Settings(base_url=args.wandb_host)
@@ -88,14 +90,14 @@ class MetricsLogger:
     """Writes a metrics dict to every configured sink (rank 0; with wandb_init_all_ranks every
     rank starts a W&B run too, so each records its own system metrics)."""
 
-    def __init__(self, args, run_file: bool = False):
+    def __init__(self, args, run_file: bool = False, wandb_run_id: str | None = None):
         self.enabled = is_rank_0()
         self.run_file = None
         self.jsonl = None
         self.tensorboard = None
         self.wandb = None
         if args.use_wandb and (self.enabled or args.wandb_init_all_ranks):
-            self.wandb = start_wandb(args)
+            self.wandb = start_wandb(args, wandb_run_id if self.enabled else None)
         if not self.enabled:
             return
         if args.log_dir:

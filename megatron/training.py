@@ -52,6 +52,8 @@ class TrainState:
     consumed_valid_samples: int = 0
     # Steps not applied (non-finite loss or gradient norm): the LR schedule did not advance.
     skipped_steps: int = 0
+    # Rank 0's W&B run: a resumed or requeued job logs to the same run.
+    wandb_run_id: str | None = None
 
 
 def as_floats(metrics: dict) -> dict:
@@ -101,7 +103,9 @@ class Trainer:
         self.train_ds, self.valid_ds, self.test_ds = self._build_datasets()
         self.save_iters = set(args.save_iters or ())
         self.saver = CheckpointSaver(args) if args.save else None
-        self.metrics = MetricsLogger(args, run_file=True)
+        self.metrics = MetricsLogger(args, run_file=True, wandb_run_id=self.state.wandb_run_id)
+        if self.metrics.enabled and self.metrics.wandb:
+            self.state.wandb_run_id = self.metrics.wandb.id
         self.stop_request = StopRequest()
         self.peak_flops = device_peak_flops()
 

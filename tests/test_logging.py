@@ -44,11 +44,10 @@ def test_other_ranks_start_wandb_only_with_wandb_init_all_ranks(
     assert quiet.wandb is None and not run_files(tmp_path)
 
     every = MetricsLogger(wandb_args(tmp_path / "all", wandb_init_all_ranks=True))
+    assert every.wandb.name == "rank0"  # the runs of one job are named by rank
     every.log({"iteration": 1, "split": "train", "lm_loss": 1.0})  # rank 0 alone logs metrics
     every.close()
-    assert every.jsonl is None
-    (record,) = run_files(tmp_path / "all")
-    assert b"rank0" in record.read_bytes()  # runs of one job are named by rank
+    assert every.jsonl is None and len(run_files(tmp_path / "all")) == 1
 
 
 def test_wandb_host_reaches_the_run(tmp_path: Path, offline_wandb: None) -> None:
@@ -56,3 +55,10 @@ def test_wandb_host_reaches_the_run(tmp_path: Path, offline_wandb: None) -> None
     logger = MetricsLogger(wandb_args(tmp_path, wandb_host=host))
     assert logger.wandb.settings.base_url == host
     logger.close()
+
+
+def test_a_resumed_run_continues_its_wandb_run(tmp_path: Path, offline_wandb: None) -> None:
+    logger = MetricsLogger(wandb_args(tmp_path), wandb_run_id="strata0resumed")
+    assert logger.wandb.id == "strata0resumed"
+    logger.close()
+    assert [p.name for p in run_files(tmp_path)] == ["run-strata0resumed.wandb"]

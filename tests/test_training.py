@@ -243,6 +243,9 @@ def test_secrets_stay_out_of_every_file_a_run_writes(tmp_path, text_dataset, mon
 
     assert (run / "ckpt" / "global_step2" / "configs" / "config.yml").is_file()
     assert list((run / "logs").rglob("*.wandb")), "W&B wrote no offline run"
+    # The run's id goes into the checkpoint: a resumed or requeued job continues that run.
+    metadata = json.loads((run / "ckpt" / "global_step2" / "metadata.json").read_text())
+    assert list((run / "logs").rglob(f"run-{metadata['train_state']['wandb_run_id']}.wandb"))
     assert list((run / "tb").iterdir())
     written = [p for folder in (run, wandb_home) for p in folder.rglob("*") if p.is_file()]
     for secret in [*secrets.values(), in_config]:
