@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,7 @@ from megatron.conversion import ConversionError
 from megatron.conversion.hf_io import read_hf_config, read_hf_tensors
 from megatron.conversion.strata_io import dims_for, expected_shapes, model_config
 from megatron.tokenizer import pad_vocab_size
-from megatron.utils import atomic_write_text
+from megatron.utils import atomic_write_text, staged_folder
 
 CONFIG_NAME = "config.yml"
 PREFERRED_DIVISORS = (128, 64, 32, 16, 8, 4, 2, 1)
@@ -126,9 +124,7 @@ def convert_hf_to_neox(
     # The model alone, as a one-process run pads its vocabulary: no training config needed.
     config = model_config(values, pad_vocab_size(tokens, divisor, 1), str(hf_dir / "config.json"))
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with staged_folder(output) as staging:
         (staging / CONFIG_NAME).write_text(text)
         tensors = arch.to_strata(
             read_hf_tensors(hf_dir),
@@ -138,11 +134,6 @@ def convert_hf_to_neox(
             tied=not config.no_weight_tying,
         )
         save_weights_checkpoint(staging, tensors, {CONFIG_NAME: text})
-        staging.chmod(0o755)
-        os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     if config_out is not None:
         atomic_write_text(config_out, text)
     return output

@@ -19,7 +19,6 @@ import argparse
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from megatron.cli import exit_status
@@ -37,6 +36,7 @@ from megatron.conversion.strata_io import (
     read_checkpoint,
     read_model,
 )
+from megatron.utils import staged_folder
 
 DEFAULT_SHARD_GB = 5.0
 
@@ -74,18 +74,11 @@ def convert_neox_to_hf(
     torch_dtype = DTYPES[dtype] if dtype else next(iter(tensors.values())).dtype
     hf_tensors = {name: t.to(torch_dtype) for name, t in hf_tensors.items()}
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with staged_folder(output) as staging:
         write_hf_weights(staging, hf_tensors, int(max_shard_gb * 2**30))
         note, special_ids = write_tokenizer(staging, keys, tokenizer.eod)
         write_hf_config(staging, arch, {**hf_config, **special_ids}, torch_dtype)
         _write_generation_config(staging, keys, special_ids)
-        staging.chmod(0o755)
-        os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output, note
 
 

@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +39,7 @@ from megatron.conversion.strata_io import (
     read_model,
 )
 from megatron.tokenizer import pad_vocab_size
+from megatron.utils import staged_folder
 
 CONFIG_NAME = "config.yml"
 VOCAB_TENSORS = ("embedding.word_embeddings.weight", "lm_head.weight")
@@ -180,18 +179,11 @@ def export_neox(
         "# keys only: add your setup (data, optimizer, batch) and load the weights with\n"
         "# finetune: true (no optimizer state is exported).\n"
     )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with staged_folder(output) as staging:
         client = client_state(step, tp, consumed, _scheduler(metadata), args)
         write_checkpoint(staging / f"global_step{step}", layers, tp, layout, client)
         (staging / "latest").write_text(f"global_step{step}")
         (staging / CONFIG_NAME).write_text(header + yaml.safe_dump(values, sort_keys=False))
-        staging.chmod(0o755)
-        os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output / f"global_step{step}"
 
 

@@ -11,13 +11,11 @@ copies them into a freshly built model of the same class so the result is an ord
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from megatron.cli import exit_status
+from megatron.utils import staged_folder
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -60,16 +58,9 @@ def gguf_to_hf(
         )
     if loaded.generation_config is not None:
         model.generation_config = loaded.generation_config
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        staging.chmod(0o755)
+    with staged_folder(output) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output
 
 

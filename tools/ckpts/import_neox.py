@@ -23,7 +23,6 @@ import dataclasses
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,7 @@ from megatron.conversion.strata_io import (
 )
 from megatron.neox_arguments.errors import Problems
 from megatron.neox_arguments.loading import load_files
+from megatron.utils import staged_folder
 from tools.ckpts.convert_hf_to_neox import vocab_divisor
 
 CONFIG_NAME = "config.yml"
@@ -127,9 +127,7 @@ def import_neox(
         f"{state['iteration']}. Model and tokenizer keys only: combine with a setup config and\n"
         f"# continue with load: {output.resolve()} and no_load_optim: true.\n"
     ) + yaml.safe_dump(values, sort_keys=False)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with staged_folder(output) as staging:
         optimizer, step = {}, 0
         if with_optimizer:
             optimizer, step = _optimizer(folder, checkpoint, expected, config, dims, staging)
@@ -144,11 +142,6 @@ def import_neox(
             optimizer_step=step,
             scheduler={"num_iters": state["iteration"]},
         )
-        staging.chmod(0o755)
-        os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output, state
 
 
