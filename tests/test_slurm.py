@@ -103,10 +103,19 @@ def test_the_monitor_follows_the_job(slurm, uninterrupted: Path, monkeypatch) ->
 
 
 def test_a_preempted_job_saves_requeues_and_matches_the_uninterrupted_run(
-    slurm, uninterrupted: Path, tmp_path: Path, text_dataset: str
+    slurm, uninterrupted: Path, tmp_path: Path, text_dataset: str, monkeypatch
 ) -> None:
+    """Submitted through tools/submit.py, with a job chained after it (as a conversion or an
+    evaluation would be) that must wait for the requeued job's real end."""
+    monkeypatch.setenv("SLURM_CONF", slurm["SLURM_CONF"])
     run = tmp_path / "preempted"
-    job = submit(slurm, run, job_config(run, text_dataset))
+    submitted = run_tool(
+        "tools/submit.py", job_config(run, text_dataset), "--cluster", "local", "--nodes", "1",
+        "--job-name", "strata-pretrain", "--log-dir", str(run / "logs"),
+        "--then", "python tools/monitor.py {log_dir} --json > {save}/after.json",
+    ).stdout  # fmt: skip
+    job = submitted.split("submitted job ")[1].split()[0]
+    after = submitted.split("submitted job ")[2].split()[0]
     metrics = run / "logs" / "metrics.jsonl"
     while not (metrics.exists() and len(train_losses(run)) >= 3):
         time.sleep(0.2)
@@ -114,11 +123,14 @@ def test_a_preempted_job_saves_requeues_and_matches_the_uninterrupted_run(
         ["scancel", "--signal=USR1", "--batch", job], env={**os.environ, **slurm}, check=True
     )
     assert wait_for_job(job, slurm) == "COMPLETED"
-    log = next((run / "logs").glob("strata-pretrain-*.out")).read_text()
+    log = (run / "logs" / f"strata-pretrain-{job}.out").read_text()
     assert "requeueing job" in log and "start 2 " in log
     stopped_at = int(log.split("stopping after iteration ")[1].split()[0])
     assert 3 <= stopped_at < TRAIN_ITERS
     assert train_losses(run) == train_losses(uninterrupted)
+    assert wait_for_job(after, slurm) == "COMPLETED"
+    seen_after = json.loads((run / "ckpt" / "after.json").read_text())
+    assert (seen_after["state"], seen_after["iteration"]) == ("COMPLETED", TRAIN_ITERS)
 
 
 def test_a_config_that_breaks_at_start_is_a_crashed_job(slurm, tmp_path: Path) -> None:

@@ -33,14 +33,19 @@ def locate(target: str | Path) -> RunFiles:
         candidates = [path / METRICS_FILE, *sorted(path.rglob(METRICS_FILE))]
         found = next((p for p in candidates if p.is_file()), None)
         folder = found.parent if found else path
-        info = folder / RUN_FILE
+        info = folder / RUN_FILE if (folder / RUN_FILE).is_file() else None
         logs = sorted(path.glob("*.out"), key=lambda p: p.stat().st_mtime)
+        # The training job's own log when run.json names the job (other jobs may log here too).
+        job = read_info(info).get("job_id")
+        log = next(
+            (p for p in logs if job and job_id_of(p) == str(job)), logs[-1] if logs else None
+        )
         return RunFiles(
             name=str(path),
             metrics=found,
-            info=info if info.is_file() else None,
-            log=logs[-1] if logs else None,
-            job_id=job_id_of(logs[-1]) if logs else None,
+            info=info,
+            log=log,
+            job_id=job_id_of(log) if log else None,
         )
     if path.name.endswith(".jsonl"):
         info = path.parent / RUN_FILE

@@ -4,7 +4,9 @@
     python tools/submit.py CONFIG.yml [MORE.yml ...] [key=value ...] [--cluster NAME]
         [--clusters a,b,c] [--nodes N] [--time T] [--job-name NAME] [--dry-run]
 
-With several clusters, each one's `sinfo` is asked for idle nodes in its partition and the job
+`--then CMD` (repeatable) queues conversion, evaluation or upload after the training succeeds:
+one job name per experiment with `--dependency=afterok:<previous>,singleton`, so they run in
+order, one at a time. With several clusters, each one's `sinfo` is asked for idle nodes in its partition and the job
 goes where it can start soonest (enough idle nodes, then the most idle), with the reason printed.
 Config paths become absolute (the job runs elsewhere); a node count that the model-parallel
 sizes do not divide is refused here, not after the queue wait.
@@ -13,6 +15,7 @@ sizes do not divide is refused here, not after the queue wait.
 from __future__ import annotations
 
 import argparse
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +31,7 @@ from tools.slurm.profiles import (
 
 REPO = Path(__file__).resolve().parent.parent
 JOB_SCRIPT = REPO / "tools" / "slurm" / "pretrain.sbatch"
+RUN_SCRIPT = REPO / "tools" / "slurm" / "run_on_compute.sbatch"
 
 
 def absolute_arguments(arguments: list[str]) -> list[str]:
@@ -87,7 +91,9 @@ def pick_cluster(profiles: list[Profile], nodes: int) -> tuple[Profile, list[str
     return best, reasons
 
 
-def render(profile: Profile, nodes: int, time_limit: str | None, job_name: str) -> str:
+def render(
+    profile: Profile, nodes: int, time_limit: str | None, job_name: str, log_dir: Path
+) -> str:
     """pretrain.sbatch with its #SBATCH header set for this profile and job."""
     header = [
         f"#SBATCH --job-name={job_name}",
@@ -95,7 +101,7 @@ def render(profile: Profile, nodes: int, time_limit: str | None, job_name: str) 
         "#SBATCH --exclusive",
         f"#SBATCH --cpus-per-task={profile.cpus_per_task}",
         f"#SBATCH --time={time_limit or profile.time}",
-        f"#SBATCH --output={REPO}/logs/%x-%j.out",
+        f"#SBATCH --output={log_dir}/%x-%j.out",
         "#SBATCH --open-mode=append",
         f"#SBATCH --signal=B:USR1@{profile.preempt_signal_seconds}",
         "#SBATCH --requeue",
@@ -108,6 +114,38 @@ def render(profile: Profile, nodes: int, time_limit: str | None, job_name: str) 
     return "\n".join([*lines[:first], *header, *body]) + "\n"
 
 
+def sbatch(profile: Profile, options: list[str], script: list[str], text: str | None) -> str:
+    """Submit; the job id. `text` is the job script when it comes on stdin."""
+    command = [*profile.sbatch, "--parsable", *options, *script]
+    done = subprocess.run(command, input=text, capture_output=True, text=True, cwd=REPO)
+    if done.returncode != 0:
+        raise ProfileError(f"sbatch failed: {done.stderr.strip()}")
+    return done.stdout.strip().split(";")[0]
+
+
+def after_jobs(
+    commands: list[str], fields: dict[str, str], job_name: str, log_dir: Path
+) -> list[tuple[list[str], list[str]]]:
+    """(sbatch options, script and arguments) of each --then command: run_on_compute.sbatch jobs
+    that wait for the previous job to succeed and, one job name per experiment with
+    `singleton`, never run two at a time. `{job}` in the dependency is the previous job's id."""
+    jobs = []
+    for command in commands:
+        try:
+            filled = command.format(**fields)
+        except KeyError as err:
+            raise ProfileError(
+                f"--then {command!r}: unknown field {err}; use {', '.join('{' + f + '}' for f in fields)}"
+            ) from None
+        options = [
+            f"--job-name={job_name}-after",
+            "--dependency=afterok:{job},singleton",
+            f"--output={log_dir}/%x-%j.out",
+        ]
+        jobs.append((options, [str(RUN_SCRIPT), "bash", "-c", filled]))
+    return jobs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("config", nargs="+", help="YAML files and key=value overrides")
@@ -118,6 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=64)
     parser.add_argument("--time", help="time limit (default: the profile's)")
     parser.add_argument("--job-name", help="job name (default: strata-<first config's stem>)")
+    parser.add_argument("--log-dir", type=Path, default=REPO / "logs", help="job logs")
+    parser.add_argument(
+        "--then",
+        action="append",
+        default=[],
+        metavar="CMD",
+        help="a command for after the training succeeds (conversion, evaluation, upload), in "
+        "order, one at a time; {save}, {configs}, {log_dir} are filled in",
+    )
     parser.add_argument(
         "--dry-run", action="store_true", help="print the job script, submit nothing"
     )
@@ -133,30 +180,36 @@ def main(argv: list[str] | None = None) -> int:
         values = config_values(arguments)
         check_layout(values, args.nodes, profile)
         batch_overrides(profile, values)  # refused here, not in the job, when it cannot apply
+        job_name = args.job_name or f"strata-{Path(arguments[0]).stem}"
+        log_dir = args.log_dir.resolve()
+        fields = {
+            "save": str(Path(values.get("save") or "").resolve()) if values.get("save") else "",
+            "configs": " ".join(arguments),
+            "log_dir": str(log_dir),
+        }
+        chained = after_jobs(args.then, fields, job_name, log_dir)
+        script = render(profile, args.nodes, args.time, job_name, log_dir)
+        common = [f"--export=ALL,STRATA_CLUSTER={profile.name},STRATA_REPO={REPO}"]
+        if args.dry_run:
+            print(script)
+            print("# submit: " + shlex.join([*profile.sbatch, *common, "/dev/stdin", *arguments]))
+            for options, command in chained:
+                print("# then: " + shlex.join([*profile.sbatch, *common, *options, *command]))
+            return 0
+        log_dir.mkdir(parents=True, exist_ok=True)
+        job_id = sbatch(profile, common, ["/dev/stdin", *arguments], script)
+        print(
+            f"submitted job {job_id} ({job_name}) to {profile.name}: log "
+            f"{log_dir}/{job_name}-{job_id}.out"
+        )
+        previous = job_id
+        for options, command in chained:
+            options = [o.replace("{job}", previous) for o in options]
+            previous = sbatch(profile, [*common, *options], command, None)
+            print(f"submitted job {previous} after it: {command[-1]}")
     except (ProfileError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    job_name = args.job_name or f"strata-{Path(arguments[0]).stem}"
-    script = render(profile, args.nodes, args.time, job_name)
-    command = [
-        *profile.sbatch,
-        "--parsable",
-        f"--export=ALL,STRATA_CLUSTER={profile.name},STRATA_REPO={REPO}",
-    ]
-    command += ["/dev/stdin", *arguments]
-    if args.dry_run:
-        print(script)
-        print("# submit: " + " ".join(command))
-        return 0
-    (REPO / "logs").mkdir(exist_ok=True)
-    done = subprocess.run(command, input=script, capture_output=True, text=True, cwd=REPO)
-    if done.returncode != 0:
-        print(f"error: sbatch failed: {done.stderr.strip()}", file=sys.stderr)
-        return 1
-    job_id = done.stdout.strip().split(";")[0]
-    print(
-        f"submitted job {job_id} ({job_name}) to {profile.name}: log {REPO}/logs/{job_name}-{job_id}.out"
-    )
     return 0
 
 
