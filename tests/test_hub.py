@@ -279,3 +279,65 @@ def test_git_blob_ids_match_the_server(tmp_path):
     assert LocalFile.from_path("f", path).git_sha1() == git_sha1(b"abc\n")
     assert LocalFile.from_bytes("f", b"abc\n").sha256 == hashlib.sha256(b"abc\n").hexdigest()
     assert re.fullmatch("[0-9a-f]{40}", git_sha1(b""))
+
+
+def convert_from_hub(hub, home: Path, output: Path, *argv: str, offline: bool = False):
+    env = hub_env(hub, home, token=None)
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    return subprocess.run(
+        [sys.executable, "tools/ckpts/convert_hf_to_neox.py", *argv, "--output", str(output)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_convert_hf_to_neox_pulls_a_revision_from_the_hub(hub, run_dir, published, tmp_path):
+    pytest.importorskip("transformers")
+    from megatron.checkpoint.reader import read_model_tensors
+
+    home = tmp_path / "home"
+    args = ["--hf-model", "org/full", "--revision", "global_step4"]
+    result = convert_from_hub(hub, home, tmp_path / "online", *args)
+    assert result.returncode == 0, result.stderr
+    commit = hub.repos[("models", "org/full")].branches["global_step4"]
+    assert commit in result.stdout
+    # A second conversion needs no network: the revision is in huggingface_hub's cache.
+    before = len(hub.requests)
+    offline = convert_from_hub(hub, home, tmp_path / "offline", *args, offline=True)
+    assert offline.returncode == 0, offline.stderr
+    assert len(hub.requests) == before
+    trained = read_model_tensors(run_dir / "global_step4")
+    for folder in (tmp_path / "online", tmp_path / "offline"):
+        metadata = json.loads((folder / "global_step0" / "metadata.json").read_text())
+        assert metadata["source"] == {
+            "hf_model": "org/full",
+            "revision": "global_step4",
+            "commit": commit,
+        }
+        assert f"org/full@global_step4 (commit {commit})" in (folder / "config.yml").read_text()
+        converted = read_model_tensors(folder)
+        for name, tensor in converted.items():
+            rows = tuple(slice(0, n) for n in tensor.shape)
+            torch.testing.assert_close(tensor, trained[name][rows], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (
+            ["--hf-model", "org/full", "--revision", "global_step5"],
+            "has no revision 'global_step5'",
+        ),
+        (["--hf-model", "org/missing"], "no such repo on the Hub"),
+        (["--hf-model", "not a repo"], "expected a repo id namespace/name"),
+    ],
+)
+def test_convert_from_the_hub_bad_input(hub, published, tmp_path, argv, expected):
+    result = convert_from_hub(hub, tmp_path / "home", tmp_path / "out", *argv)
+    assert result.returncode == 1
+    assert expected in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()

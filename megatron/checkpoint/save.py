@@ -408,9 +408,11 @@ def save_weights_checkpoint(
     tensors: dict[str, torch.Tensor],
     config_files: dict[str, str] | None = None,
     iteration: int = 0,
+    source: dict | None = None,
 ) -> Path:
     """A checkpoint holding only model weights (e.g. a converted Hugging Face model), in the
-    same format; load it with `finetune: true` or `no_load_optim: true`. One process only."""
+    same format; load it with `finetune: true` or `no_load_optim: true`. One process only.
+    `source` (where the weights came from) is recorded in the metadata under that key."""
     save_dir = Path(save_dir)
     tmp = save_dir / f".{tag_for(iteration)}.tmp"
     save_dir.mkdir(parents=True, exist_ok=True)
@@ -437,6 +439,8 @@ def save_weights_checkpoint(
         },
         "files": {"model": [MODEL_FILE]},
     }
+    if source:
+        metadata["source"] = source
     digests = _write_configs(tmp, config_files or {})
     digests[MODEL_FILE] = file_sha256(tmp / MODEL_FILE)
     atomic_write_json(tmp / METADATA_FILE, {**metadata, "sha256": dict(sorted(digests.items()))})
