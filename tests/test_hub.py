@@ -341,3 +341,48 @@ def test_convert_from_the_hub_bad_input(hub, published, tmp_path, argv, expected
     assert result.returncode == 1
     assert expected in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_chat_template_tokenizer_by_hub_id(hub, smollm2_hf, tmp_path):
+    """--tokenizer-path org/name fetches the tokenizer files and tokenizes as the local folder."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.endpoint, token=TOKEN)
+    api.create_repo("org/chat-tokenizer", exist_ok=True)
+    api.upload_folder(
+        repo_id="org/chat-tokenizer",
+        folder_path=smollm2_hf,
+        allow_patterns=["tokenizer*", "special_tokens_map.json", "*.jinja"],
+    )
+    records = [
+        {
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"},
+            ]
+        }
+    ]
+    source = tmp_path / "chat.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    outputs = {}
+    for name, tokenizer in (("local", str(smollm2_hf)), ("hub", "org/chat-tokenizer@main")):
+        prefix = tmp_path / name / "chat"
+        result = subprocess.run(
+            [
+                sys.executable,
+                "tools/datasets/preprocess_data_with_chat_template.py",
+                *("--input", str(source), "--output-prefix", str(prefix)),
+                *("--tokenizer-path", tokenizer),
+            ],
+            cwd=REPO,
+            env=hub_env(hub, tmp_path / "home", token=None),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr
+        outputs[name] = [
+            (prefix.parent / f"chat_{kind}_document.bin").read_bytes()
+            for kind in ("messages", "messages_label")
+        ]
+    assert outputs["hub"] == outputs["local"]
