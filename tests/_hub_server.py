@@ -256,7 +256,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return 200, {"branches": branches, "tags": [], "converts": []}, {}
             if action == "tree":
                 revision, _, prefix = (rest or "main").partition("/")
-                return 200, self._tree(repo, revision, prefix), {}
+                recursive = query.get("recursive", ["false"])[0].lower() in ("1", "true")
+                return 200, self._tree(repo, revision, prefix, recursive), {}
             if action == "branch" and method == "POST":
                 if rest in repo.branches:
                     raise _HTTPError(409, f"branch {rest} already exists")
@@ -308,22 +309,29 @@ class _Handler(BaseHTTPRequestHandler):
             {},
         )
 
-    def _tree(self, repo: Repo, revision: str, prefix: str) -> list[dict]:
+    def _tree(self, repo: Repo, revision: str, prefix: str, recursive: bool) -> list[dict]:
         tree = repo.commits[self._commit_of(repo, revision)]
+        base = prefix.strip("/") + "/" if prefix.strip("/") else ""
         folders, entries = set(), []
         for path, entry in sorted(tree.items()):
-            if prefix and not path.startswith(prefix.rstrip("/") + "/"):
+            if not path.startswith(base):
                 continue
             parts = path.split("/")
-            folders.update("/".join(parts[:i]) for i in range(1, len(parts)))
+            depth = len(base.split("/")) - 1 if base else 0
+            folders.update("/".join(parts[: i + 1]) for i in range(depth, len(parts) - 1))
+            if not recursive and len(parts) > depth + 1:
+                continue
             item = {"type": "file", "oid": entry.blob_id, "size": entry.size, "path": path}
             if entry.lfs:
                 pointer = lfs_pointer(entry.lfs, entry.size)
                 item["lfs"] = {"oid": entry.lfs, "size": entry.size, "pointerSize": len(pointer)}
             entries.append(item)
-        return [
+        if not recursive:
+            folders = {f for f in folders if f.count("/") == base.count("/")}
+        directories = [
             {"type": "directory", "oid": "0" * 40, "size": 0, "path": f} for f in sorted(folders)
-        ] + entries
+        ]
+        return directories + entries
 
     def _preupload(self, repo: Repo, revision: str, payload: dict) -> dict:
         tree = repo.commits[self._commit_of(repo, revision)]

@@ -343,9 +343,11 @@ def test_convert_from_the_hub_bad_input(hub, published, tmp_path, argv, expected
     assert not (tmp_path / "out").exists()
 
 
-def test_chat_template_tokenizer_by_hub_id(hub, smollm2_hf, tmp_path):
+def test_chat_template_tokenizer_by_hub_id(hub, smollm2_hf, tmp_path, monkeypatch):
     """--tokenizer-path org/name fetches the tokenizer files and tokenizes as the local folder."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, constants
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # not served locally
 
     api = HfApi(endpoint=hub.endpoint, token=TOKEN)
     api.create_repo("org/chat-tokenizer", exist_ok=True)
