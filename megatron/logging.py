@@ -59,22 +59,41 @@ def wandb_config(args) -> dict | None:
 
 def start_wandb(args):
     """A W&B run on `wandb_host` (WANDB_MODE=offline works without a network; such runs sync
-    later with `wandb sync`). With wandb_init_all_ranks the runs of one job share
-    `wandb_group` and are named by rank."""
+    later with `wandb sync`), named by the `wandb_run_name` template. With wandb_init_all_ranks
+    the runs of one job share `wandb_group` and their names end in the rank. The API key comes
+    from the environment or `wandb login` only; when W&B cannot start online (no login, no
+    network) the run logs offline instead, with a warning."""
     import wandb
 
+    from megatron.run_naming import run_name
+
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    return wandb.init(
+    name = run_name(args)
+    if args.wandb_init_all_ranks:
+        name = f"{name}-rank{rank}" if name else f"rank{rank}"
+    settings = dict(
         project=args.wandb_project,
         group=args.wandb_group,
         entity=args.wandb_team,
-        name=f"rank{rank}" if args.wandb_init_all_ranks else None,
+        name=name,
+        tags=getattr(args, "wandb_tags", None),
+        notes=getattr(args, "wandb_notes", None),
         dir=args.log_dir,
         config=wandb_config(args),
         settings=wandb.Settings(base_url=args.wandb_host)
         if args.wandb_host != default_of("wandb_host")
         else None,
     )
+    try:
+        return wandb.init(**settings)
+    except wandb.errors.Error as err:
+        if os.environ.get("WANDB_MODE") == "offline":
+            raise
+        warn(
+            f"W&B could not start online ({err}); logging offline under {args.log_dir or '.'} "
+            "instead (upload later with `wandb sync`)"
+        )
+        return wandb.init(**settings, mode="offline")
 
 
 class MetricsLogger:

@@ -92,7 +92,8 @@ def select_steps(available: dict[int, Path], spec: str) -> list[int]:
 
 def strata_files(folder: Path) -> list[LocalFile]:
     """The checkpoint folder under strata/global_stepN/, with strata/latest naming it. The
-    digests recorded at save time are reused (the upload checks them against the bytes sent)."""
+    digests recorded at save time are reused for the comparison with the Hub (hashing a large
+    checkpoint again costs minutes)."""
     recorded = read_metadata(folder).get("sha256", {})
     prefix = f"{STRATA_PREFIX}/{folder.name}"
     files = [
