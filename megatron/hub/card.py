@@ -44,7 +44,7 @@ class RunRecords:
         for log_dir in log_dirs:
             path = log_dir / "metrics.jsonl"
             if path.is_file():
-                metrics += [json.loads(line) for line in path.read_text().splitlines() if line]
+                metrics += [r for r in map(_record, path.read_text().splitlines()) if r]
         evals = []
         for folder in dict.fromkeys(eval_dirs):
             for path in sorted(folder.glob("*eval_results*.json")):
@@ -74,6 +74,15 @@ class RunRecords:
                     if isinstance(value, (int, float)) and "stderr" not in metric:
                         rows.append((task, metric.removesuffix(",none"), float(value)))
         return rows
+
+
+def _record(line: str) -> dict | None:
+    """One metrics line; None for a line cut short (a run still writing)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def config_of(folder: Path) -> tuple[dict[str, Any], dict[str, str]]:

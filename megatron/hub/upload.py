@@ -64,9 +64,9 @@ class RevisionUploader:
             self.sleep,
         )
 
-    def upload(self, branch: str, files: list[LocalFile], message: str) -> None:
-        """Make `branch` hold exactly `files`."""
-        with_retries(
+    def upload(self, branch: str, files: list[LocalFile], message: str) -> bool:
+        """Make `branch` hold exactly `files`; whether that took a commit."""
+        return with_retries(
             lambda: self._attempt(branch, files, message),
             self.policy,
             f"{self.repo_id}@{branch}",
@@ -88,13 +88,13 @@ class RevisionUploader:
         delete = sorted(path for path in remote if path not in wanted and path not in KEPT)
         return Plan(add, delete, branch_exists=True)
 
-    def _attempt(self, branch: str, files: list[LocalFile], message: str) -> None:
+    def _attempt(self, branch: str, files: list[LocalFile], message: str) -> bool:
         from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
         plan = self.plan(branch, files)
         if plan.empty:
             self.log(f"{branch}: complete on the Hub ({len(files)} files), skipped")
-            return
+            return False
         if not plan.branch_exists:
             self.api.create_branch(self.repo_id, branch=branch, exist_ok=True)
         readers = [_open(f) for f in plan.add]
@@ -123,6 +123,7 @@ class RevisionUploader:
             for reader in readers:
                 if isinstance(reader, _CountingReader):
                     reader.close()
+        return True
 
 
 def _differs(local: LocalFile, remote) -> bool:

@@ -56,6 +56,20 @@ def run_records(run: Path, newest: Path, log_dir: str | None) -> RunRecords:
     return RunRecords.read(logs, [run, run.parent, *logs])
 
 
+def revision(run: Path, step: int, args: argparse.Namespace, records, staging: Path):
+    """The files of checkpoint `step`'s revision, its model card included."""
+    files = revision_files(run, step, args.format, staging, convert)
+    card = model_card(args.repo, run / tag_for(step), args.format, records)
+    return [*files, LocalFile.from_bytes("README.md", card.encode())]
+
+
+def print_plan(tag: str, branches: list[str], repo: str, files: list[LocalFile]) -> None:
+    size = human_size(total_size(files))
+    print(f"{tag} -> {repo} branch {' and '.join(branches)}: {len(files)} files, {size}")
+    for f in files:
+        print(f"  {f.repo_path} ({human_size(f.size)})")
+
+
 def upload(args: argparse.Namespace) -> int:
     check_repo_id(args.repo)
     run = Path(args.run)
@@ -65,30 +79,26 @@ def upload(args: argparse.Namespace) -> int:
     if not args.dry_run:
         require_token()
     records = run_records(run, checkpoints[newest], args.log_dir)
-    policy = RetryPolicy(args.max_retries, args.min_wait, args.max_wait)
-    uploader = None if args.dry_run else RevisionUploader(hub_api(), args.repo, policy)
-    if uploader is not None:
+    uploader = None
+    if not args.dry_run:
+        policy = RetryPolicy(args.max_retries, args.min_wait, args.max_wait)
+        uploader = RevisionUploader(hub_api(), args.repo, policy)
         uploader.create_repo(args.private)
-    with tempfile.TemporaryDirectory(prefix="strata-upload-") as staging:
-        for index, step in enumerate(steps):
-            tag = tag_for(step)
-            files = revision_files(run, step, args.format, Path(staging), convert)
-            card = model_card(args.repo, checkpoints[step], args.format, records)
-            files.append(LocalFile.from_bytes("README.md", card.encode()))
-            branches = [tag, "main"] if step == newest else [tag]
+    committed = False
+    for step in steps:
+        tag = tag_for(step)
+        branches = [tag, "main"] if step == newest else [tag]
+        # One revision's converted folder at a time: a run's worth would fill the disk.
+        with tempfile.TemporaryDirectory(prefix="strata-upload-") as staging:
+            files = revision(run, step, args, records, Path(staging))
             if uploader is None:
-                print(
-                    f"{tag} -> {args.repo} branch {' and '.join(branches)}: {len(files)} files, "
-                    f"{human_size(total_size(files))}"
-                )
-                for f in files:
-                    print(f"  {f.repo_path} ({human_size(f.size)})")
+                print_plan(tag, branches, args.repo, files)
                 continue
-            if index and args.delay:
-                print(f"waiting {args.delay:.1f} s before the next revision (--delay)")
-                time.sleep(args.delay)
             for branch in branches:
-                uploader.upload(branch, files, f"{tag} ({args.format} format)")
+                if committed and args.delay:
+                    print(f"waiting {args.delay:.1f} s before the next commit (--delay)")
+                    time.sleep(args.delay)
+                committed = uploader.upload(branch, files, f"{tag} ({args.format} format)")
     if uploader is not None:
         print(f"done: {args.repo}, {len(steps)} revision(s), {human_size(uploader.sent)} sent")
     return 0
@@ -107,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-wait", type=float, default=1.0, help="first backoff, s (default 1)")
     parser.add_argument("--max-wait", type=float, default=120.0, help="longest backoff, s")
     parser.add_argument(
-        "--delay", type=float, default=0.0, help="seconds between revisions (the commit rate)"
+        "--delay", type=float, default=0.0, help="seconds between commits (the Hub's commit rate)"
     )
     args = parser.parse_args(argv)
     if args.max_retries < 0 or args.min_wait < 0 or args.max_wait < args.min_wait:
