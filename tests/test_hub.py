@@ -211,7 +211,7 @@ def test_an_interrupted_upload_completes_the_rest(hub, run_dir, tmp_path):
 def test_rate_limits_and_server_errors_are_waited_out(hub, run_dir, tmp_path):
     hub.inject("POST", r"org/limited/commit/", status=429, retry_after=0, times=2)
     hub.inject("POST", r"org/limited/preupload/", status=429, times=1)
-    hub.inject("GET", r"org/limited/tree/", status=503, times=1)
+    hub.inject("GET", r"org/limited/tree/", status=500, times=1)
     hub.inject("PUT", r"org/limited", status=None, times=1)
     args = quick("--run", str(run_dir), "--repo", "org/limited", "--format", "strata")
     result = upload(hub, tmp_path, *args, "--steps", "2,6", "--delay", "0.01")
@@ -220,7 +220,7 @@ def test_rate_limits_and_server_errors_are_waited_out(hub, run_dir, tmp_path):
     assert len(waits) == 5, result.stdout
     assert sum("HTTP 429; waiting 0.0 s (Retry-After)" in w for w in waits) == 2
     assert sum("HTTP 429; waiting" in w and "(backoff)" in w for w in waits) == 1
-    assert sum("HTTP 503" in w for w in waits) == 1
+    assert sum("HTTP 500" in w for w in waits) == 1
     assert sum("connection error" in w for w in waits) == 1
     assert "(--delay)" in result.stdout
     assert sorted(hub.repos[("models", "org/limited")].branches) == [
@@ -267,6 +267,18 @@ def test_bad_input_is_a_clear_error_and_uploads_nothing(hub, run_dir, tmp_path, 
     assert "Traceback" not in result.stderr
     assert len(hub.requests) == before
     assert ("models", "org/bad") not in hub.repos
+
+
+def test_backoff_doubles_with_jitter_up_to_the_cap():
+    import random
+
+    from megatron.hub.retry import RetryPolicy
+
+    policy, rng = RetryPolicy(max_retries=8, min_wait=1.0, max_wait=10.0), random.Random(0)
+    for retry, ceiling in enumerate([1, 2, 4, 8, 10, 10], start=1):
+        waits = [policy.backoff(retry, rng) for _ in range(50)]
+        assert all(ceiling / 2 <= w <= ceiling for w in waits)
+        assert len(set(waits)) == 50  # jittered: clients hitting one limit spread out
 
 
 def test_git_blob_ids_match_the_server(tmp_path):
