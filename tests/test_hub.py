@@ -167,6 +167,7 @@ def test_the_card_holds_the_figures_and_no_token(hub, run_dir, published):
     parameters = sum(torch.Size(s).numel() for s in metadata["shapes"].values())
     samples = metadata["train_state"]["consumed_train_samples"]
     assert f"| parameters | {parameters:,}" in card
+    assert "| architecture | GPTNeoXForCausalLM |" in card
     assert f"| tokens seen | {samples * 16:,}" in card
     metrics = [json.loads(line) for line in (run_dir.parent / "logs" / "metrics.jsonl").open()]
     last_train = [m for m in metrics if m["split"] == "train" and m["iteration"] <= 6][-1]

@@ -92,7 +92,10 @@ def config_of(folder: Path) -> tuple[dict[str, Any], dict[str, str]]:
     return raw.values, raw.config_files
 
 
-def model_card(repo_id: str, folder: Path, fmt: str, records: RunRecords) -> str:
+def model_card(
+    repo_id: str, folder: Path, fmt: str, records: RunRecords, architecture: str | None = None
+) -> str:
+    """`architecture`: the `transformers` class of the exported folder, when there is one."""
     metadata = read_metadata(folder)
     values, texts = config_of(folder)
     step = int(metadata["iteration"])
@@ -113,6 +116,7 @@ def model_card(repo_id: str, folder: Path, fmt: str, records: RunRecords) -> str
         "",
         "| | |",
         "|---|---|",
+        *([f"| architecture | {architecture} |"] if architecture else []),
         f"| parameters | {parameters:,} (vocabulary padded to {metadata.get('padded_vocab_size')}) |",
         f"| dtype | {metadata.get('dtype')} |",
     ]

@@ -16,6 +16,7 @@ and is never printed or written. HF_ENDPOINT selects another Hub.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -59,7 +60,9 @@ def run_records(run: Path, newest: Path, log_dir: str | None) -> RunRecords:
 def revision(run: Path, step: int, args: argparse.Namespace, records, staging: Path):
     """The files of checkpoint `step`'s revision, its model card included."""
     files = revision_files(run, step, args.format, staging, convert)
-    card = model_card(args.repo, run / tag_for(step), args.format, records)
+    hf_config = next((f.source for f in files if f.repo_path == "config.json"), None)
+    architecture = json.loads(hf_config.read_text())["architectures"][0] if hf_config else None
+    card = model_card(args.repo, run / tag_for(step), args.format, records, architecture)
     return [*files, LocalFile.from_bytes("README.md", card.encode())]
 
 
