@@ -76,7 +76,8 @@ def start_wandb(args):
         group=args.wandb_group,
         entity=args.wandb_team,
         name=name,
-        tags=getattr(args, "wandb_tags", None),
+        # YAML reads `[baseline, 2]` as a string and a number; W&B takes strings
+        tags=[str(tag) for tag in getattr(args, "wandb_tags", None) or []] or None,
         notes=getattr(args, "wandb_notes", None),
         dir=args.log_dir,
         config=wandb_config(args),
