@@ -11,6 +11,7 @@ import megatron.learning_rates  # noqa: F401  (lr_decay_style)
 import megatron.losses  # noqa: F401  (train_impl)
 import megatron.model  # noqa: F401  (norm, activation, init_method, pos_emb, attention_backend)
 import megatron.optimizers  # noqa: F401  (optimizer.type, muP)
+import megatron.run_naming  # noqa: F401  (wandb_run_name)
 from megatron.neox_arguments import ConfigError, NeoXArgs
 from megatron.neox_arguments.rules import all_registered
 

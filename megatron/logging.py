@@ -66,24 +66,45 @@ def wandb_config(args) -> dict | None:
 
 def start_wandb(args, run_id: str | None = None):
     """A W&B run on `wandb_host` (WANDB_MODE=offline works without a network; such runs sync
-    later with `wandb sync`); `run_id` continues that run (a resumed or requeued job). With
-    wandb_init_all_ranks the runs of one job share `wandb_group` and are named by rank."""
+    later with `wandb sync`), named by the `wandb_run_name` template; `run_id` continues that
+    run (a resumed or requeued job). With wandb_init_all_ranks the runs of one job share
+    `wandb_group` and their names end in the rank. The API key comes from the environment or
+    `wandb login` only; when W&B cannot start online (no login, no network) the run logs
+    offline instead, with a warning."""
     import wandb
 
+    from megatron.run_naming import run_name
+
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    return wandb.init(
+    name = run_name(args)
+    if args.wandb_init_all_ranks:
+        name = f"{name}-rank{rank}" if name else f"rank{rank}"
+    settings = dict(
         project=args.wandb_project,
         group=args.wandb_group,
         entity=args.wandb_team,
-        name=f"rank{rank}" if args.wandb_init_all_ranks else None,
+        name=name,
         id=run_id,
         resume="allow" if run_id else None,
+        # YAML reads `[baseline, 2]` as a string and a number; W&B takes strings
+        tags=[str(tag) for tag in getattr(args, "wandb_tags", None) or []] or None,
+        notes=getattr(args, "wandb_notes", None),
         dir=args.log_dir,
         config=wandb_config(args),
         settings=wandb.Settings(base_url=args.wandb_host)
         if args.wandb_host != default_of("wandb_host")
         else None,
     )
+    try:
+        return wandb.init(**settings)
+    except wandb.errors.Error as err:
+        if os.environ.get("WANDB_MODE") == "offline":
+            raise
+        warn(
+            f"W&B could not start online ({err}); logging offline under {args.log_dir or '.'} "
+            "instead (upload later with `wandb sync`)"
+        )
+        return wandb.init(**settings, mode="offline")
 
 
 class MetricsLogger:

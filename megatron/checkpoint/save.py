@@ -413,12 +413,14 @@ def save_weights_checkpoint(
     optimizer: dict[str, torch.Tensor] | None = None,
     optimizer_step: int = 0,
     scheduler: dict | None = None,
+    source: dict | None = None,
 ) -> Path:
     """A checkpoint holding only model weights (e.g. a converted Hugging Face model), in the
     same format; load it with `finetune: true` or `no_load_optim: true` (which also resumes
     the `train_state`: iteration and data position, e.g. of an imported NeoX run). With
     `optimizer` ("{name}.{key}" tensors, e.g. of an imported NeoX run's optimizer) it is a full
-    resume but for the RNG states. One process only."""
+    resume but for the RNG states. `source` (where the weights came from) is recorded in the
+    metadata under that key. One process only."""
     save_dir = Path(save_dir)
     tmp = save_dir / f".{tag_for(iteration)}.tmp"
     save_dir.mkdir(parents=True, exist_ok=True)
@@ -453,6 +455,8 @@ def save_weights_checkpoint(
         },
         "files": files,
     }
+    if source:
+        metadata["source"] = source
     digests = _write_configs(tmp, config_files or {})
     for name in files.values():
         digests[name[0]] = file_sha256(tmp / name[0])

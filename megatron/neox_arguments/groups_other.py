@@ -75,6 +75,12 @@ class NeoXArgsLogging:
     wandb_project: str = arg("neox", "W&B project.")
     wandb_host: str = arg("https://api.wandb.ai", "W&B host URL.")
     wandb_init_all_ranks: bool = arg(False, "Start W&B on every rank.")
+    wandb_run_name: str | None = arg(
+        None,
+        "W&B run name template, e.g. {experiment}_{cluster}_{job_id} (megatron/run_naming.py).",
+    )
+    wandb_tags: list | None = arg(None, "W&B run tags.")
+    wandb_notes: str | None = arg(None, "W&B run notes.")
     git_hash: str | None = arg(None, "Git revision of the code that launched the run.", DERIVED)
     log_dir: str | None = arg(None, "Directory for logs and metrics.jsonl.")
     tensorboard_dir: str | None = arg(None, "Directory for TensorBoard event files.")

@@ -1,10 +1,13 @@
 """Convert a Hugging Face model folder into a Strata checkpoint plus a NeoX-format config.
 
-    python tools/ckpts/convert_hf_to_neox.py --input HF_DIR --output CKPT_DIR \
-        [--config-out FILE] [--tokenizer tokenizer.json] [--make-vocab-size-divisible-by N]
+    python tools/ckpts/convert_hf_to_neox.py (--input HF_DIR | --hf-model ORG/NAME [--revision R])
+        --output CKPT_DIR [--config-out FILE] [--tokenizer tokenizer.json]
+        [--make-vocab-size-divisible-by N]
 
 Reads GPTNeoXForCausalLM, LlamaForCausalLM and MistralForCausalLM weights (safetensors or
-PyTorch .bin, single or sharded). CKPT_DIR gets a weights-only checkpoint (global_step0/ and
+PyTorch .bin, single or sharded), from a folder or from the Hub through huggingface_hub's cache
+(HF_HUB_OFFLINE=1 uses a cached revision without the network; the repo, revision and commit
+are recorded in the checkpoint's metadata under "source"). CKPT_DIR gets a weights-only checkpoint (global_step0/ and
 `latest`) and config.yml, the model and tokenizer keys; train from it with that config plus
 your setup config and `load=CKPT_DIR finetune=true`. Nothing is written unless all succeeds.
 """
@@ -25,6 +28,8 @@ from megatron.cli import exit_status
 from megatron.conversion import ConversionError
 from megatron.conversion.hf_io import read_hf_config, read_hf_tensors
 from megatron.conversion.strata_io import dims_for, expected_shapes, model_config
+from megatron.hub.client import HubError
+from megatron.hub.download import Snapshot
 from megatron.tokenizer import pad_vocab_size
 from megatron.utils import atomic_write_text, staged_folder
 
@@ -62,10 +67,14 @@ def vocab_divisor(tokenizer_vocab: int, model_vocab: int, requested: int | None)
 
 
 def render_config(
-    values: dict[str, Any], hf_dir: Path, hf_class: str, output: Path, rows: int | None = None
+    values: dict[str, Any],
+    origin: str,
+    hf_class: str,
+    output: Path,
+    rows: int | None = None,
 ) -> str:
     header = (
-        f"# {hf_class} from {hf_dir.resolve()}, converted by tools/ckpts/convert_hf_to_neox.py.\n"
+        f"# {hf_class} from {origin}, converted by tools/ckpts/convert_hf_to_neox.py.\n"
         "# Model and tokenizer keys only: combine with a setup config (data, optimizer, batch,\n"
         f"# precision) and start from the weights with load: {output.resolve()} and finetune: true.\n"
     )
@@ -84,10 +93,11 @@ def convert_hf_to_neox(
     tokenizer: str | os.PathLike[str] | None = None,
     make_vocab_size_divisible_by: int | None = None,
     log: Callable[[str], object] = print,
+    snapshot: Snapshot | None = None,
 ) -> Path:
     """Write the checkpoint folder `output` (built beside it, renamed when complete). Without
     a tokenizer.json in `hf_dir` (and no `tokenizer`), the config has no tokenizer keys and
-    `log` gets a line saying so."""
+    `log` gets a line saying so. `snapshot`: `hf_dir` is that Hub download (recorded)."""
     hf_dir, output = Path(hf_dir), Path(output)
     for path in (output, config_out):
         if path is not None and Path(path).exists():
@@ -120,7 +130,12 @@ def convert_hf_to_neox(
             "tokens; or pass --tokenizer)"
         )
     values.update(make_vocab_size_divisible_by=divisor)
-    text = render_config(values, hf_dir, arch.hf_class, output, rows)
+    origin = (
+        f"{snapshot.repo_id}@{snapshot.revision} (commit {snapshot.commit})"
+        if snapshot
+        else str(hf_dir.resolve())
+    )
+    text = render_config(values, origin, arch.hf_class, output, rows)
     # The model alone, as a one-process run pads its vocabulary: no training config needed.
     config = model_config(values, pad_vocab_size(tokens, divisor, 1), str(hf_dir / "config.json"))
 
@@ -133,7 +148,8 @@ def convert_hf_to_neox(
             source=str(hf_dir),
             tied=not config.no_weight_tying,
         )
-        save_weights_checkpoint(staging, tensors, {CONFIG_NAME: text})
+        source = snapshot.as_metadata() if snapshot else None
+        save_weights_checkpoint(staging, tensors, {CONFIG_NAME: text}, source=source)
     if config_out is not None:
         atomic_write_text(config_out, text)
     return output
@@ -141,7 +157,10 @@ def convert_hf_to_neox(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", required=True, help="Hugging Face model folder")
+    origin = parser.add_mutually_exclusive_group(required=True)
+    origin.add_argument("--input", help="Hugging Face model folder")
+    origin.add_argument("--hf-model", help="a model on the Hub, namespace/name")
+    parser.add_argument("--revision", help="with --hf-model: branch, tag or commit (default main)")
     parser.add_argument("--output", required=True, help="checkpoint folder to create")
     parser.add_argument("--config-out", help=f"also write the config here (always {CONFIG_NAME})")
     parser.add_argument("--tokenizer", help="tokenizer.json to use (default: the input's)")
@@ -151,19 +170,28 @@ def main(argv: list[str] | None = None) -> int:
         help="pad the vocabulary to a multiple of this (default: keep the model's rows exactly)",
     )
     args = parser.parse_args(argv)
+    if args.revision and not args.hf_model:
+        parser.error("--revision needs --hf-model")
 
     def work() -> int | None:
+        snapshot = None
+        if args.hf_model:
+            from megatron.hub.download import download_model
+
+            snapshot = download_model(args.hf_model, args.revision)
+            print(f"{args.hf_model}@{snapshot.revision}: commit {snapshot.commit}")
         out = convert_hf_to_neox(
-            args.input,
+            snapshot.folder if snapshot else args.input,
             args.output,
             args.config_out,
             args.tokenizer,
             args.make_vocab_size_divisible_by,
+            snapshot=snapshot,
         )
         print(f"wrote {out} (config: {out / CONFIG_NAME})")
         return 0
 
-    return exit_status(work, (ConversionError,))
+    return exit_status(work, (ConversionError, HubError))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
     python tools/datasets/preprocess_data_with_chat_template.py --input chats.jsonl \\
         --output-prefix data/chat --tokenizer-path HF_TOKENIZER_DIR --workers 2
 
+--tokenizer-path also takes a Hub id (namespace/name, or namespace/name@revision): its tokenizer
+files are fetched through huggingface_hub's cache (HF_HUB_OFFLINE=1 uses the cache alone).
+
 Every jsonl record holds a conversation under each `--jsonl-keys` key (default `messages`): a
 list of {"role": ..., "content": ...} messages. For each key it writes
 
@@ -131,7 +134,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument(
         "--tokenizer-path",
         required=True,
-        help="a Hugging Face tokenizer directory with a chat template (read from local files)",
+        help="a Hugging Face tokenizer directory with a chat template, or a Hub id "
+        "(namespace/name[@revision]) whose tokenizer files are fetched into the cache",
     )
     group.add_argument(
         "--trust-remote-code",
@@ -169,6 +173,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # -- the tokenizer -------------------------------------------------------------------------------
+
+
+def tokenizer_folder(path: str) -> str:
+    """`path` itself, or for a Hub id that is not a local path, the cached snapshot of its
+    tokenizer files (the workers then read local files only)."""
+    from megatron.hub.client import REPO_ID
+    from megatron.hub.download import download_tokenizer
+
+    repo_id, _, revision = path.partition("@")
+    if os.path.exists(path) or not REPO_ID.fullmatch(repo_id):
+        return path
+    return str(download_tokenizer(repo_id, revision or None))
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
@@ -416,7 +432,7 @@ class Outputs:
 
 def chat_options(args: argparse.Namespace) -> ChatOptions:
     return ChatOptions(
-        tokenizer_path=args.tokenizer_path,
+        tokenizer_path=tokenizer_folder(args.tokenizer_path),
         keys=tuple(args.jsonl_keys),
         prompt_key=args.prompt_key,
         generation_role=args.generation_role,
