@@ -1,0 +1,74 @@
+"""Figures of the scaling toolkit (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+import numpy as np  # noqa: E402
+
+from tools.scaling.files import replacing  # noqa: E402
+from tools.scaling.law import Law  # noqa: E402
+
+
+def _save(figure, path: str) -> None:
+    with replacing(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(figure)
+
+
+def _compute_range(params, tokens, computes) -> np.ndarray:
+    flops = np.concatenate([6 * np.asarray(params) * np.asarray(tokens), computes])
+    return np.geomspace(flops.min() / 3, flops.max() * 3, 100)
+
+
+def law_contours(path: str, law: Law, params, tokens, loss, computes=()) -> None:
+    """The fitted iso-loss contours over (N, D), the runs coloured by loss, and the
+    compute-optimal frontier."""
+    params, tokens = np.asarray(params, float), np.asarray(tokens, float)
+    n = np.geomspace(params.min() / 3, params.max() * 3, 200)
+    d = np.geomspace(tokens.min() / 3, tokens.max() * 3, 200)
+    grid_n, grid_d = np.meshgrid(n, d)
+    figure, axes = plt.subplots(figsize=(6.5, 5))
+    contours = axes.contour(grid_n, grid_d, law.loss(grid_n, grid_d), levels=15, cmap="viridis")
+    axes.clabel(contours, fontsize=7, fmt="%.2f")
+    points = axes.scatter(params, tokens, c=loss, cmap="viridis", edgecolors="k", zorder=3)
+    figure.colorbar(points, label="loss (runs)")
+    frontier = [law.optimal(c) for c in _compute_range(params, tokens, computes)]
+    axes.plot(
+        [f["params"] for f in frontier], [f["tokens"] for f in frontier], "r--", label="optimal"
+    )
+    axes.set(xscale="log", yscale="log", xlabel="parameters N", ylabel="tokens D")
+    axes.set(xlim=(n[0], n[-1]), ylim=(d[0], d[-1]), title="iso-loss contours of the fit")
+    axes.legend()
+    _save(figure, path)
+
+
+def loss_vs_compute(path: str, law: Law, params, tokens, loss, computes=()) -> None:
+    """The runs' loss against C = 6ND, with the fitted compute-optimal frontier."""
+    flops = 6 * np.asarray(params, float) * np.asarray(tokens, float)
+    figure, axes = plt.subplots(figsize=(6.5, 4.5))
+    points = axes.scatter(flops, loss, c=np.log10(params), cmap="plasma", edgecolors="k")
+    figure.colorbar(points, label="log10 parameters")
+    budgets = _compute_range(params, tokens, computes)
+    axes.plot(budgets, [law.optimal(c)["loss"] for c in budgets], "r--", label="frontier")
+    for c in computes:
+        axes.axvline(c, color="grey", linewidth=0.8)
+    axes.set(xscale="log", xlabel="compute C = 6ND (FLOPs)", ylabel="loss", title="loss vs compute")
+    axes.legend()
+    _save(figure, path)
+
+
+def lr_curve(path: str, lrs, losses, parabola=None, best: float | None = None) -> None:
+    """Valid loss against learning rate (log axis), with the fitted parabola and its optimum."""
+    figure, axes = plt.subplots(figsize=(6, 4))
+    axes.plot(lrs, losses, "o", label="runs")
+    if parabola is not None:
+        span = np.geomspace(min(lrs), max(lrs), 100)
+        axes.plot(span, np.polyval(parabola, np.log(span)), "-", label="parabola in log lr")
+    if best is not None:
+        axes.axvline(best, color="r", linestyle="--", label=f"optimum {best:.3g}")
+    axes.set(xscale="log", xlabel="learning rate", ylabel="valid loss", title="learning-rate sweep")
+    axes.legend()
+    _save(figure, path)
