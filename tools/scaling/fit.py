@@ -33,11 +33,14 @@ def read_runs(path: Path, params_column: str) -> tuple[np.ndarray, np.ndarray, n
     error naming the file, the row and the column."""
     try:
         with open(path, newline="") as handle:
-            rows = list(csv.DictReader(handle))
+            reader = csv.DictReader(handle)
+            rows = list(reader)
     except OSError as err:
         raise InputError(f"{path}: cannot read ({err.strerror})") from None
+    if not rows:
+        raise InputError(f"{path}: no runs (expected a header line, then one row per run)")
     columns = (params_column, "tokens", "loss")
-    header = rows[0].keys() if rows else []
+    header = reader.fieldnames or []
     missing = [c for c in columns if c not in header]
     if missing:
         raise InputError(f"{path}: expected the columns {', '.join(columns)}; missing {missing}")

@@ -43,6 +43,8 @@ def write_sweep(out: Path, configs: dict[str, dict], job_name: str) -> Path:
     for name, config in configs.items():
         folder = out / "runs" / name
         config = {**config, "log_dir": str(folder / "logs")}
+        if "tensorboard_dir" in config:
+            config["tensorboard_dir"] = str(folder / "tensorboard")
         if "save" in config:  # each run its own checkpoints, resumed on a requeue
             config["save"] = config["load"] = str(folder / "checkpoints")
         write_text(folder / RUN_CONFIG, yaml.safe_dump(config, sort_keys=False))
