@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from megatron.neox_arguments.rules import register_names, register_rule
@@ -26,7 +26,7 @@ class DecayPoint:
     total_iters: int
     start_lr: float
     min_lr: float
-    options: Mapping[str, Any] = field(default_factory=dict)
+    options: Mapping[str, Any]  # the values of the style's own config keys
 
     @property
     def span(self) -> int:

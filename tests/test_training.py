@@ -124,6 +124,8 @@ def test_resume_is_exact(tmp_path, text_dataset, precision, zero_stage, async_sa
     second, _ = train(tmp_path, "second", text_dataset, load=str(run / "ckpt"), **settings)
     assert min(i for i, split in second if split == "train") == 7
     assert losses({**first, **second}) == losses(full)
+    # The cumulative FLOPs carry on from the checkpoint.
+    assert second[(12, "train")]["flops"] == full[(12, "train")]["flops"]
 
 
 def test_bf16_at_zero_stage_0_steps_as_zero_stage_1(tmp_path, text_dataset):

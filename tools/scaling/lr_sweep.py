@@ -48,6 +48,7 @@ def parabola_optimum(lrs, losses) -> dict | None:
         "lr": float(math.exp(vertex)),
         "loss": float(np.polyval(curve, vertex)),
         "coefficients": [float(c) for c in curve],
+        "fitted_range": [float(lrs[near][0]), float(lrs[near][-1])],
     }
 
 
@@ -84,8 +85,7 @@ def analyse(folder: Path, json_path: Path | None, plot: str | None) -> dict:
     if plot:
         from tools.scaling import plots
 
-        curve = optimum["coefficients"] if optimum else None
-        plots.lr_curve(plot, lrs, losses, curve, optimum["lr"] if optimum else None)
+        plots.lr_curve(plot, lrs, losses, optimum)
     return result
 
 

@@ -60,15 +60,16 @@ def loss_vs_compute(path: str, law: Law, params, tokens, loss, computes=()) -> N
     _save(figure, path)
 
 
-def lr_curve(path: str, lrs, losses, parabola=None, best: float | None = None) -> None:
-    """Valid loss against learning rate (log axis), with the fitted parabola and its optimum."""
+def lr_curve(path: str, lrs, losses, optimum: dict | None) -> None:
+    """Valid loss against learning rate (log axis), with the parabola over the points it was
+    fitted to and its optimum (lr_sweep.parabola_optimum's result)."""
     figure, axes = plt.subplots(figsize=(6, 4))
     axes.plot(lrs, losses, "o", label="runs")
-    if parabola is not None:
-        span = np.geomspace(min(lrs), max(lrs), 100)
-        axes.plot(span, np.polyval(parabola, np.log(span)), "-", label="parabola in log lr")
-    if best is not None:
-        axes.axvline(best, color="r", linestyle="--", label=f"optimum {best:.3g}")
+    if optimum is not None:
+        span = np.geomspace(*optimum["fitted_range"], 100)
+        curve = np.polyval(optimum["coefficients"], np.log(span))
+        axes.plot(span, curve, "-", label="parabola in log lr")
+        axes.axvline(optimum["lr"], color="r", linestyle="--", label=f"optimum {optimum['lr']:.3g}")
     axes.set(xscale="log", xlabel="learning rate", ylabel="valid loss", title="learning-rate sweep")
     axes.legend()
     _save(figure, path)

@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     add_grid_arguments(parser)
     options = parser.parse_args(argv)
     points = grid(options)
-    if not points or points == [{}]:
+    if points == [{}]:
         parser.error("nothing to sweep: give at least one of --width --depth --lr --tokens ...")
     build(options, points, job_name=f"strata-sweep-{options.out.name}")
     launch(options)
