@@ -10,7 +10,7 @@ import pytest
 import torch
 from _config_fixtures import small_config
 
-from megatron.learning_rates import AnnealingLR, build_lr_scheduler
+from megatron.learning_rates import DECAY_STYLES, AnnealingLR, build_lr_scheduler
 from megatron.neox_arguments import ConfigError, NeoXArgs
 
 
@@ -76,6 +76,15 @@ def test_every_schedule_at_fixed_iterations(style: str, settings: dict, rates: d
     run = schedule(lr_decay_style=style, **settings)
     for iteration, expected in rates.items():
         assert run.get_lr(iteration) == pytest.approx(expected, rel=1e-8), iteration
+
+
+@pytest.mark.parametrize("style", list(DECAY_STYLES))
+def test_every_registered_style_is_accepted_and_builds(style: str) -> None:
+    args = NeoXArgs.from_dict(small_config(lr_decay_style=style))
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    run = build_lr_scheduler(args, optimizer)
+    run.step(args.train_iters)
+    assert args.min_lr <= optimizer.param_groups[0]["lr"] <= args.lr
 
 
 def test_wsd_checks_its_phases_at_config_time() -> None:

@@ -184,6 +184,17 @@ def test_lr_sweep_analyses_a_folder_of_runs(tmp_path: Path) -> None:
     assert plot.stat().st_size > 5_000
 
 
+def test_lr_sweep_run_writes_log_spaced_runs(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "base.yml", small_config())
+    out = tmp_path / "lr"
+    args = ("--out", str(out), "--lr-min", "1e-4", "--lr-max", "1e-2", "--points", "3")
+    result = run_tool("tools/scaling/lr_sweep.py", "run", config, *args, "--seed", "1", "2")
+    assert "6 runs in" in result.stdout and "sbatch" in result.stdout
+    names = [Path(p).name for p in (out / "runs.txt").read_text().split()]
+    assert names == [f"lr{lr}-s{seed}" for lr in ("0.0001", "0.001", "0.01") for seed in (1, 2)]
+    assert "#SBATCH --array=0-5" in (out / "sweep.sbatch").read_text()
+
+
 @pytest.mark.timeout(900)
 def test_sweep_collect_fit_end_to_end(tmp_path: Path, text_dataset: str) -> None:
     base = small_config(
