@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from _config_fixtures import small_config, write_config
-from conftest import run_tool
+from _slurm import local_slurm, missing_commands, wait_for_job
+from conftest import REPO, run_tool
 
 from tools.scaling import law as laws
 from tools.scaling import lr_sweep, sweep
@@ -197,18 +201,7 @@ def test_lr_sweep_run_writes_log_spaced_runs(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(900)
 def test_sweep_collect_fit_end_to_end(tmp_path: Path, text_dataset: str) -> None:
-    base = small_config(
-        text_dataset,
-        num_layers=1,
-        hidden_size=32,
-        num_attention_heads=2,
-        eval_interval=1000,  # one validation at the end
-        eval_iters=2,
-        log_interval=1,
-        split="90,10,0",
-        lr_decay_style="wsd",
-    )
-    config = write_config(tmp_path / "base.yml", base)
+    config = write_config(tmp_path / "base.yml", tiny_base(text_dataset, lr_decay_style="wsd"))
     out = tmp_path / "sweep"
     grid = ("--width", "32", "64", "--tokens", "640", "1280")
     result = run_tool(
@@ -254,3 +247,41 @@ def test_sweep_collect_fit_end_to_end(tmp_path: Path, text_dataset: str) -> None
     law = json.loads(fitted.read_text())
     assert law["runs"] == 4 and all(np.isfinite(law[k]) for k in ("E", "A", "B", "alpha", "beta"))
     assert law["optimal"][0]["compute"] == 1e10
+
+
+def tiny_base(data: str, **overrides) -> dict:
+    """A one-layer model validated once, at the end of its few iterations."""
+    return small_config(
+        data,
+        num_layers=1,
+        hidden_size=32,
+        num_attention_heads=2,
+        eval_interval=1000,
+        eval_iters=2,
+        log_interval=1,
+        split="90,10,0",
+        **overrides,
+    )
+
+
+@pytest.mark.timeout(900)
+def test_the_array_script_runs_under_slurm(tmp_path: Path, text_dataset: str) -> None:
+    missing = missing_commands()
+    if missing:
+        pytest.skip(f"SLURM is not installed ({', '.join(missing)} missing; .ci/run installs it)")
+    config = write_config(tmp_path / "base.yml", tiny_base(text_dataset))
+    out = tmp_path / "sweep"
+    run_tool("tools/scaling/sweep.py", config, "--out", str(out), "--lr", "1e-3", "3e-3")
+    with local_slurm(tmp_path / "slurm") as slurm:
+        env = {**os.environ, **slurm, "STRATA_PYTHON": sys.executable, "PYTHONPATH": str(REPO)}
+        env |= {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+        submitted = subprocess.run(
+            ["sbatch", "--parsable", str(out / "sweep.sbatch")],
+            env=env, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        job = submitted.stdout.strip().split(";")[0]
+        assert [wait_for_job(f"{job}_{index}", slurm) for index in (0, 1)] == ["COMPLETED"] * 2
+    for name in ("lr0.001", "lr0.003"):
+        records = (out / "runs" / name / "logs" / "metrics.jsonl").read_text().splitlines()
+        assert json.loads(records[-1])["split"] == "valid"
+    assert len(list((out / "logs").glob("strata-sweep-sweep-*_*.out"))) == 2
