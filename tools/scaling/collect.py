@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import megatron.config  # noqa: E402, F401  (every config rule registered)
 from megatron.neox_arguments import ConfigError, NeoXArgs  # noqa: E402
 from megatron.neox_arguments.sizes import parameter_counts  # noqa: E402
+from megatron.utils import atomic_write_text  # noqa: E402
 from tools.runs import METRICS_FILE, read_metrics  # noqa: E402
-from tools.scaling.files import write_text  # noqa: E402
 from tools.scaling.launch import RUN_CONFIG  # noqa: E402
 
 COLUMNS = (
@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     writer = csv.DictWriter(text, fieldnames=COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
-    write_text(options.output, text.getvalue())
+    options.output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(options.output, text.getvalue())
     print(f"{len(rows)} runs -> {options.output}")
     return 0
 

@@ -18,8 +18,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from megatron.utils import atomic_write_text  # noqa: E402
 from tools.scaling import law as laws  # noqa: E402
-from tools.scaling.files import write_text  # noqa: E402
 
 FIELDS = ("E", "A", "B", "alpha", "beta")
 
@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     text = json.dumps(result, indent=2)
     if args.json:
-        write_text(args.json, text + "\n")
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.json, text + "\n")
     print(text)
     if args.plot:
         from tools.scaling import plots

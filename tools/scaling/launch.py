@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from tools.scaling.files import write_text
+from megatron.utils import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_CONFIG = "run.yml"  # each run's whole config; its log_dir is `logs/` beside it
@@ -47,9 +47,10 @@ def write_sweep(out: Path, configs: dict[str, dict], job_name: str) -> Path:
             config["tensorboard_dir"] = str(folder / "tensorboard")
         if "save" in config:  # each run its own checkpoints, resumed on a requeue
             config["save"] = config["load"] = str(folder / "checkpoints")
-        write_text(folder / RUN_CONFIG, yaml.safe_dump(config, sort_keys=False))
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / RUN_CONFIG, yaml.safe_dump(config, sort_keys=False))
         folders.append(str(folder))
-    write_text(out / RUN_LIST, "".join(f"{folder}\n" for folder in folders))
+    atomic_write_text(out / RUN_LIST, "".join(f"{folder}\n" for folder in folders))
     (out / "logs").mkdir(exist_ok=True)
     script = out / SCRIPT
     text = _SCRIPT.format(
@@ -62,7 +63,7 @@ def write_sweep(out: Path, configs: dict[str, dict], job_name: str) -> Path:
         repo=REPO,
         config=RUN_CONFIG,
     )
-    write_text(script, text)
+    atomic_write_text(script, text)
     return script
 
 

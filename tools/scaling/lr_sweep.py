@@ -22,8 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from megatron.utils import atomic_write_text  # noqa: E402
 from tools.scaling import collect, sweep  # noqa: E402
-from tools.scaling.files import write_text  # noqa: E402
 
 NEIGHBOURS = 2  # points each side of the best that the parabola is fitted to
 
@@ -80,7 +80,8 @@ def analyse(folder: Path, json_path: Path | None, plot: str | None) -> dict:
         result["note"] = f"no parabola minimum: the best is the {edge} point; widen the range"
     text = json.dumps(result, indent=2)
     if json_path:
-        write_text(json_path, text + "\n")
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(json_path, text + "\n")
     print(text)
     if plot:
         from tools.scaling import plots

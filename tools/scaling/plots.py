@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 import numpy as np  # noqa: E402
 
-from tools.scaling.files import replacing  # noqa: E402
 from tools.scaling.law import Law  # noqa: E402
 
 
 def _save(figure, path: str) -> None:
-    with replacing(path) as tmp:
+    """A PNG written beside `path` under a temporary name, then renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.png")
+    os.close(fd)
+    try:
         figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    plt.close(figure)
+        os.replace(tmp, path)
+    finally:
+        plt.close(figure)
+        Path(tmp).unlink(missing_ok=True)
 
 
 def _compute_range(params, tokens, computes) -> np.ndarray:
