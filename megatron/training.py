@@ -196,7 +196,9 @@ class Trainer:
     # -- loop ----------------------------------------------------------------------------------
 
     def _log(self, metrics: dict, eta: float | None = None) -> None:
-        metrics["consumed_tokens"] = self.state.consumed_train_samples * self.args.seq_length
+        tokens = self.state.consumed_train_samples * self.args.seq_length
+        # Cumulative training FLOPs from the consumed tokens, so the count survives a resume.
+        metrics.update(consumed_tokens=tokens, flops=tokens * flops_per_token(self.args))
         self.metrics.log(metrics)
         print_rank_0(console_line(metrics, self.args.train_iters, eta))
 

@@ -86,6 +86,9 @@ def test_loss_falls_and_metrics_are_logged(tmp_path, text_dataset):
     ):
         assert key in train_lines[-1]
     assert train_lines[-1]["consumed_tokens"] == 30 * 4 * 32
+    # Cumulative FLOPs: the same count per consumed token on every line.
+    per_token = {line["flops"] / line["consumed_tokens"] for line in train_lines}
+    assert len(per_token) == 1 and per_token.pop() > 6 * 64 * 64 * 12 * 2
     assert (0, "valid") in metrics and (30, "valid") in metrics
     assert metrics[(30, "valid")]["lm_loss"] < metrics[(0, "valid")]["lm_loss"]
     # With no periodic saves the run still saves once, at the end.
@@ -121,6 +124,8 @@ def test_resume_is_exact(tmp_path, text_dataset, precision, zero_stage, async_sa
     second, _ = train(tmp_path, "second", text_dataset, load=str(run / "ckpt"), **settings)
     assert min(i for i, split in second if split == "train") == 7
     assert losses({**first, **second}) == losses(full)
+    # The cumulative FLOPs carry on from the checkpoint.
+    assert second[(12, "train")]["flops"] == full[(12, "train")]["flops"]
 
 
 def test_bf16_at_zero_stage_0_steps_as_zero_stage_1(tmp_path, text_dataset):

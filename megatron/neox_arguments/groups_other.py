@@ -1,7 +1,7 @@
 """NeoX's smaller argument groups, plus the values Strata derives."""
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Literal
 
 from megatron.neox_arguments.fields import Support, arg
 from megatron.neox_arguments.typecheck import Registered
@@ -49,7 +49,15 @@ class NeoXArgsLRScheduler:
     """Learning-rate schedule arguments."""
 
     lr_decay_style: Annotated[str, Registered("lr_decay_style")] = arg(
-        "linear", "Decay shape after warmup (megatron/learning_rates.py registry)."
+        "linear",
+        "Decay shape after warmup (megatron/learning_rates.py registry): constant, linear, "
+        "cosine, exponential (halves every decay span, as NeoX), inv_sqrt, wsd.",
+    )
+    wsd_decay_fraction: float = arg(
+        0.2, "wsd: decay over this final fraction of lr_decay_iters (stable at the peak before)."
+    )
+    wsd_decay_shape: Literal["linear", "cosine", "1-sqrt"] = arg(
+        "linear", "wsd: shape of the final decay to min_lr."
     )
     lr_decay_iters: int | None = arg(None, "Iterations to decay over; train_iters when unset.")
     lr_decay_fraction: float | None = arg(
