@@ -10,7 +10,7 @@ from _config_fixtures import small_config
 
 from megatron import mpu
 from megatron.config import ConfigError, NeoXArgs
-from megatron.model import GPTModel, ModelConfig
+from megatron.model import ModelConfig, build_model
 from megatron.neox_arguments.memory import estimate_memory, parse_bytes
 from megatron.optimizers import build_optimizer
 
@@ -22,6 +22,7 @@ CONFIGS = [
     {"activation": "swiglu", "norm": "rmsnorm", "num_kv_heads": 2},
     {"optimizer": {"type": "sgd", "params": {"lr": 0.1, "momentum": 0.9}}},
     {"optimizer": {"type": "sgd", "params": {"lr": 0.1}}},
+    {"model_type": "lstm", "no_weight_tying": True},
     {
         "hidden_dropout": 0.1,
         "attention_dropout": 0.1,
@@ -30,7 +31,12 @@ CONFIGS = [
     },
 ]
 # The fp16/bf16 master copy and fp32 states live in DeepSpeed's wrapper: activations only here.
-ACTIVATION_CONFIGS = [*CONFIGS, {"precision": "bf16", "num_layers": 4}]
+ACTIVATION_CONFIGS = [
+    *CONFIGS,
+    {"precision": "bf16", "num_layers": 4},
+    {"model_type": "lstm", "num_layers": 3},
+    {"model_type": "lstm", "hidden_dropout": 0.1, "no_weight_tying": True},
+]
 
 
 def _tensor_bytes(tensors) -> int:
@@ -40,7 +46,7 @@ def _tensor_bytes(tensors) -> int:
 def _train_once(args):
     """The model and optimizer after one step, and the bytes of the tensors saved for the
     backward (parameters left out: they are the weights)."""
-    model = GPTModel(ModelConfig.from_neox(args), parallel_output=True)
+    model = build_model(ModelConfig.from_neox(args), parallel_output=True)
     optimizer = build_optimizer(args, model)
     tokens = torch.randint(0, 256, (args.train_micro_batch_size_per_gpu, args.seq_length))
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}

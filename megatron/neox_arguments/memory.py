@@ -206,9 +206,10 @@ def activation_bytes(args: Any, micro: int, checkpointed: bool) -> float:
 
 
 def lstm_layer_activation_bytes(args: Any, micro: int) -> float:
-    """One nn.LSTM layer: per token its input, the four gates, the cell state and its tanh,
-    and the output (CPU kernel; cuDNN keeps a similar workspace)."""
-    return micro * args.seq_length * args.hidden_size * _dtype_bytes(args) * 8
+    """One nn.LSTM layer: 17 values of hidden_size per token, as PyTorch's CPU kernel keeps
+    them (each step's input, gates before and after their activations, cell state and its
+    tanh, output); cuDNN's reserve space on CUDA is of the same order."""
+    return micro * args.seq_length * args.hidden_size * _dtype_bytes(args) * 17
 
 
 def estimate_memory(args: Any, micro: int | None = None) -> MemoryEstimate:
