@@ -4,9 +4,14 @@ autograd graph saves."""
 
 from __future__ import annotations
 
+import json
+import socket
+
 import pytest
 import torch
+import torch.multiprocessing as mp
 from _config_fixtures import small_config
+from _memory_fixtures import tensor_parallel_weights
 
 from megatron import mpu
 from megatron.config import ConfigError, NeoXArgs
@@ -90,6 +95,26 @@ def test_activations_within_15_percent(overrides):
     estimate = estimate_memory(args)
     predicted = estimate.activations + estimate.logits
     assert predicted == pytest.approx(saved, rel=0.15), (predicted, saved)
+
+
+def test_tensor_parallel_weights_are_exact(tmp_path):
+    """Each of two tensor-parallel ranks holds what the estimate says (split matrices and
+    vocabulary, whole norms and row-parallel biases)."""
+    layout = {"model_parallel_size": 2, "num_gpus": 2}
+    cases = [*CONFIGS[:2], {**CONFIGS[2], "mlp_multiple_of": 2}]  # an MLP width TP=2 splits
+    configs = [small_config(**layout, **overrides) for overrides in cases]
+    out = tmp_path / "weights.json"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(
+        tensor_parallel_weights,
+        args=(2, port, str(out), configs),
+        nprocs=2,
+        start_method="spawn",
+    )
+    for estimated, held in json.loads(out.read_text()):
+        assert estimated == held
 
 
 def test_layouts_divide_the_terms():
