@@ -70,11 +70,11 @@ def _stage_layers(args: Any) -> int:
 def parameters_per_gpu(args: Any) -> int:
     """Parameters held by the GPU with the most: the first or the last pipeline stage, each
     tensor-parallel matrix split over model_parallel_size (norms and row-parallel biases whole)."""
-    tp = max(args.model_parallel_size, 1)
-    h, vocab = args.hidden_size, args.padded_vocab_size
     counts = parameter_counts(args)
     if args.model_type == "lstm":  # data parallel only
         return counts["total"]
+    tp = max(args.model_parallel_size, 1)
+    h, vocab = args.hidden_size, args.padded_vocab_size
     # What tensor parallelism does not split: norms and the biases after row-parallel layers.
     replicated = counts["layers"] // args.num_layers - _split_layer_params(args)
     layer = _split_layer_params(args) // tp + replicated
@@ -195,6 +195,8 @@ def activation_bytes(args: Any, micro: int, checkpointed: bool) -> float:
     if checkpointed:
         chunk = max(args.checkpoint_num_layers, 1)
         inputs = micro * args.seq_length * args.hidden_size * _dtype_bytes(args)
+        if args.partition_activations:  # each tensor-parallel rank keeps a slice of them
+            inputs /= max(args.model_parallel_size, 1)
         # Chunk inputs for the backward, and one chunk's activations while it is recomputed.
         per_microbatch = math.ceil(layers / chunk) * inputs + min(chunk, layers) * per_layer
     else:
