@@ -1,5 +1,6 @@
 """The LSTM baseline (`model_type: lstm`): it trains through the launcher and its loss falls,
-resumes exactly from its checkpoints, and refuses tensor and pipeline parallelism."""
+resumes exactly from its checkpoints, two data-parallel processes follow one, and tensor and
+pipeline parallelism are refused."""
 
 from __future__ import annotations
 
@@ -61,3 +62,14 @@ def test_parameter_count_is_the_models(no_weight_tying):
 def test_tensor_or_pipeline_parallel_lstm_is_a_config_error(key):
     with pytest.raises(ConfigError, match=f"{key}=2.*data parallel only"):
         NeoXArgs.from_dict(small_config(model_type="lstm", num_gpus=2, **{key: 2}))
+
+
+def test_two_data_parallel_lstm_processes_match_one(tmp_path, text_dataset):
+    common = dict(hidden_dropout=0.0, train_iters=6, checkpoint_factor=0)
+    one = train(tmp_path / "one", text_dataset, gradient_accumulation_steps=2, **common)
+    two = train(
+        tmp_path / "two", text_dataset, num_gpus=2, zero_optimization={"stage": 1}, **common
+    )
+    assert one.keys() == two.keys()
+    for key in one:
+        assert two[key] == pytest.approx(one[key], rel=1e-5), key
