@@ -79,3 +79,15 @@ def test_estimate_picks_the_largest_size_within_the_device_memory():
 def test_bad_auto_configs_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
         auto_config(**overrides)
+
+
+def test_cluster_profiles_leave_an_automatic_micro_batch_alone():
+    from tools.slurm.profiles import batch_overrides, load_profile
+
+    profile = load_profile("a100-40gb")  # halves a fixed micro-batch
+    assert batch_overrides(profile, {"train_micro_batch_size_per_gpu": 8}) == [
+        "train_micro_batch_size_per_gpu=4",
+        "gradient_accumulation_steps=2",
+    ]
+    values = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": 64}
+    assert batch_overrides(profile, values) == []
