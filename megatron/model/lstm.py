@@ -64,8 +64,9 @@ def _check_lstm_layout(args: Any, problems: Problems) -> None:
     if args.model_type != "lstm":
         return
     for key in ("model_parallel_size", "pipe_parallel_size"):
-        if getattr(args, key) > 1:
+        value = getattr(args, key)
+        if value > 1:
             problems.add(
-                f"{key}={getattr(args, key)}{args.where(key)}: model_type lstm{args.where('model_type')} "
-                f"is data parallel only; set {key} to 1"
+                f"{key}={value}{args.where(key)}: model_type lstm{args.where('model_type')} is "
+                f"data parallel only; set {key} to 1"
             )
