@@ -235,7 +235,7 @@ def estimate_memory(args: Any, micro: int | None = None) -> MemoryEstimate:
 def memory_report(args: Any, device_memory: int | None) -> str:
     """The estimate as aligned lines, with the other checkpointing choice and a verdict."""
     estimate = estimate_memory(args)
-    rows = estimate.table()
+    rows = [("micro-batch per GPU", str(args.train_micro_batch_size_per_gpu)), *estimate.table()]
     other = activation_bytes(args, args.train_micro_batch_size_per_gpu, not estimate.checkpointed)
     other_name = "without" if estimate.checkpointed else "with"
     rows.append((f"(activations {other_name} checkpoint_activations)", format_bytes(other)))
