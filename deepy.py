@@ -6,7 +6,8 @@
 Merges and validates the config files (a ConfigError prints the problems and exits with 2
 before anything starts), prints the derived values, builds the launch command for the
 configured launcher and runs it, streaming its output and returning its exit code. With
---dry-run it prints the command and the resolved config instead.
+--dry-run it prints the command, the resolved config and the per-GPU memory estimate instead;
+`--device-memory 80GB` (the key device_memory) adds whether the run fits on such a device.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import sys
 
 from megatron.config import ConfigError, NeoXArgs
 from megatron.neox_arguments.launch import LaunchPlan, build_launch
+from megatron.neox_arguments.memory import memory_report, parse_bytes
 from megatron.neox_arguments.redact import redact_values
 from megatron.neox_arguments.schema import FIELDS
 from megatron.neox_arguments.validation import is_default
 
 USAGE = (
     "usage: python deepy.py USER_SCRIPT CONFIG.yml [CONFIG.yml ...] [key=value ...] "
-    "[--dry-run] [-d CONF_DIR]"
+    "[--dry-run] [--device-memory SIZE] [-d CONF_DIR]"
 )
 EXIT_CONFIG_ERROR = 2
 
@@ -34,7 +36,7 @@ class UsageError(Exception):
 
 
 def parse_command_line(argv: list[str]) -> tuple[str, list[str], list[str], bool]:
-    """(user script, config files, overrides, dry run)."""
+    """(user script, config files, overrides, dry run); --device-memory becomes an override."""
     dry_run, conf_dir, positional = False, None, []
     items = iter(argv)
     for item in items:
@@ -42,6 +44,11 @@ def parse_command_line(argv: list[str]) -> tuple[str, list[str], list[str], bool
             raise UsageError(__doc__ or USAGE)
         if item in ("--dry-run", "--dry_run"):
             dry_run = True
+        elif item in ("--device-memory", "--device_memory"):
+            size = next(items, None)
+            if size is None:
+                raise UsageError(f"{item} needs a size, e.g. 80GB")
+            positional.append(f"device_memory={size}")
         elif item in ("-d", "--conf_dir", "--conf-dir"):
             conf_dir = next(items, None)
             if conf_dir is None:
@@ -87,6 +94,10 @@ def print_dry_run(args: NeoXArgs, plan: LaunchPlan) -> None:
     print(json.dumps(args.deepspeed_config, indent=2, sort_keys=True))
     print("\nResolved config (values that differ from NeoX defaults):")
     print(json.dumps(resolved_config(args), indent=2, sort_keys=True))
+    if args.padded_vocab_size is not None:
+        memory = parse_bytes(args.device_memory) if args.device_memory else None
+        print("\nMemory per GPU (estimate):")
+        print(memory_report(args, memory))
 
 
 def run(plan: LaunchPlan) -> int:

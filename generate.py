@@ -126,6 +126,8 @@ def read_prompts(path: str, prompt_end: str) -> list[str]:
 
 
 def load_sampler(args: Any) -> Sampler:
+    if args.model_type != "gpt":  # sampling uses the transformer's KV cache
+        raise ConfigError(f"model_type {args.model_type!r}: generate.py samples transformers only")
     initialize_megatron(args)
     tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file)
     model = GPTModel(ModelConfig.from_neox(args)).to(device()).eval()

@@ -35,6 +35,8 @@ def flops_per_token(args) -> float:
     """Training FLOPs per token (forward + backward = 3 × forward), counting matmuls only:
     dense weights (2 FLOPs per parameter per token), attention scores and values, and logits."""
     h, layers, s = args.hidden_size, args.num_layers, args.seq_length
+    if args.model_type == "lstm":  # four gates, each an input and a hidden h x h matrix
+        return 3.0 * (layers * 2 * 8 * h * h + 2 * h * args.padded_vocab_size)
     ffn = args.intermediate_size or 4 * h
     kv_heads = args.num_kv_heads or args.num_attention_heads
     kv_dim = h * kv_heads // args.num_attention_heads

@@ -10,6 +10,7 @@ import torch
 
 from megatron.model.mup import is_hidden_matrix, width_multiplier
 from megatron.neox_arguments.errors import Problems
+from megatron.neox_arguments.memory import register_optimizer_state
 from megatron.neox_arguments.rules import register_rule
 from megatron.registry import Registry
 
@@ -24,6 +25,11 @@ def register_optimizer(*names: str) -> Callable[[OptimizerFactory], OptimizerFac
     """Decorator making ``optimizer.type`` any of ``names`` build the decorated factory as
     ``factory(param_groups, params)``."""
     return OPTIMIZERS.register(*names)
+
+
+@register_optimizer_state("adam", "adamw")
+def _adamw_states(params: dict) -> float:
+    return 2.0  # first and second moments
 
 
 @register_optimizer("adam", "adamw")
@@ -43,6 +49,11 @@ def _adamw(param_groups: list[dict], params: dict) -> torch.optim.Optimizer:
 
 def _all_on_cuda(param_groups: list[dict]) -> bool:
     return all(p.is_cuda for group in param_groups for p in group["params"])
+
+
+@register_optimizer_state("sgd")
+def _sgd_states(params: dict) -> float:
+    return 1.0 if params.get("momentum", 0.0) else 0.0  # the momentum buffer, when used
 
 
 @register_optimizer("sgd")

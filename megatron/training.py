@@ -20,6 +20,7 @@ from megatron.data.data_utils import (
     make_data_loader,
 )
 from megatron.engine import build_step
+from megatron.engine.auto_batch import size_micro_batch_on_device
 from megatron.engine.nonfinite import NonFiniteSteps
 from megatron.engine.watchdog import collective_failure, step_watchdog
 from megatron.initialize import device, initialize_megatron
@@ -77,6 +78,8 @@ class Trainer:
         if args.train_iters is None:  # the config derives it from train_epochs when set
             raise ConfigError("set train_iters or train_epochs: the run needs a length")
         self.state = TrainState()
+        if args.auto_micro_batch and self.device.type == "cuda":
+            size_micro_batch_on_device(args, self.device)
         # The model, optimizer and engine, and how a step runs on that engine.
         self.step = build_step(args, self.device)
         self.engine, self.optimizer, self.scheduler = (

@@ -19,6 +19,7 @@ def make_args(**overrides: Any) -> SimpleNamespace:
     from megatron.neox_arguments.sizes import ffn_sizes
 
     args = dict(
+        model_type="gpt",
         num_layers=2,
         hidden_size=64,
         num_attention_heads=4,

@@ -204,6 +204,16 @@ def test_dry_run_prints_the_command_and_starts_nothing(
     assert not list(workdir.glob("started-*"))
 
 
+@pytest.mark.parametrize("size,verdict", [("80GB", "fits: need"), ("1MB", "does not fit: need")])
+def test_dry_run_estimates_memory_against_a_device(workdir: Path, size: str, verdict: str) -> None:
+    result = deepy(workdir, "train.py", config_file(workdir), "--dry-run", "--device-memory", size)
+    assert result.returncode == 0, result.stderr
+    memory = result.stdout.split("Memory per GPU (estimate):")[1]
+    for term in ("weights", "gradients", "optimizer state", "activations", "logits"):
+        assert term in memory
+    assert verdict in memory
+
+
 def test_config_error_exits_2_and_starts_nothing(workdir: Path) -> None:
     result = deepy(workdir, "train.py", config_file(workdir), "hiden_size=64", "--dry-run")
     assert result.returncode == 2

@@ -11,13 +11,13 @@ from megatron import mpu
 from megatron.engine.parallelize import parallelize
 from megatron.engine.step import Metrics, TrainStep, mean_metrics
 from megatron.losses import LossContext
-from megatron.model import GPTModel, ModelConfig
+from megatron.model import ModelConfig, build_model
 
 
 class SequentialStep(TrainStep):
     def build_model(self, device: torch.device) -> nn.Module:
         # Vocabulary-parallel logits: the loss is vocab_parallel_cross_entropy.
-        model = GPTModel(ModelConfig.from_neox(self.args), parallel_output=True).to(device)
+        model = build_model(ModelConfig.from_neox(self.args), parallel_output=True).to(device)
         return parallelize(model, self.args.sequence_parallel)
 
     def norm_group(self, model: nn.Module):

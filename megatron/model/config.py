@@ -63,6 +63,8 @@ class ModelConfig:
     params_dtype: torch.dtype = torch.float32
     # Blocks per recomputed chunk in training; 0 keeps every activation.
     checkpoint_num_layers: int = 0
+    # "gpt" (GPTModel) or "lstm" (megatron/model/lstm.py); build_model picks the class.
+    model_type: str = "gpt"
 
     def __post_init__(self) -> None:
         if self.ffn_hidden_size is None:

@@ -19,6 +19,7 @@ from megatron.neox_arguments.loading import (
     load_dict,
     load_files,
 )
+from megatron.neox_arguments.micro_batch import size_by_estimate
 from megatron.neox_arguments.redact import redact_values
 from megatron.neox_arguments.report import derived_table
 from megatron.neox_arguments.schema import GROUPS, TYPES
@@ -156,6 +157,8 @@ class NeoXArgs(*GROUPS):  # type: ignore[misc]
                 derive.derive_vocab(args)
             if args.train_iters is None and args.train_epochs is not None:
                 derive.derive_train_iters(args)
+            if args.auto_micro_batch and not from_launcher:
+                size_by_estimate(args)
         derive.derive_sizes(args)
         return args
 

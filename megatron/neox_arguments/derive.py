@@ -10,6 +10,7 @@ from typing import Any
 from megatron.neox_arguments import rules
 from megatron.neox_arguments.batch import resolve_batch
 from megatron.neox_arguments.errors import ConfigError, Problems
+from megatron.neox_arguments.memory import parse_bytes
 from megatron.neox_arguments.resources import local_device_count, resolve_hosts
 from megatron.neox_arguments.sizes import ffn_sizes, parameter_counts
 from megatron.neox_arguments.typecheck import convert_numeric_strings
@@ -107,6 +108,21 @@ def _world(args: Any) -> None:
 def _batch(args: Any) -> None:
     if args.data_parallel_size is None:
         return  # the world size was inconsistent; that error is already reported
+    micro = args.train_micro_batch_size_per_gpu
+    if micro == "auto":
+        where = args.where("train_micro_batch_size_per_gpu")
+        if args.train_batch_size is None or args.gradient_accumulation_steps is not None:
+            raise ConfigError(
+                f"train_micro_batch_size_per_gpu: auto{where} needs train_batch_size set and "
+                "gradient_accumulation_steps unset (it derives the accumulation)"
+            )
+        if not 0 < args.auto_batch_memory_fraction <= 1:
+            raise ConfigError(
+                "auto_batch_memory_fraction must be in (0, 1], got "
+                f"{args.auto_batch_memory_fraction}"
+            )
+        # Provisionally the whole per-rank batch; sized once the model's size is known.
+        args.auto_micro_batch, micro = True, None
     (
         args.train_batch_size,
         args.train_micro_batch_size_per_gpu,
@@ -114,7 +130,7 @@ def _batch(args: Any) -> None:
     ) = resolve_batch(
         args.data_parallel_size,
         args.train_batch_size,
-        args.train_micro_batch_size_per_gpu,
+        micro,
         args.gradient_accumulation_steps,
     )
 
@@ -328,6 +344,8 @@ def _misc(args: Any) -> None:
         args.deepspeed_mpi = True
     if args.git_hash is None:
         args.git_hash = _git_hash()
+    if args.device_memory:
+        parse_bytes(args.device_memory)  # a malformed size fails here, naming the key
 
 
 def _git_hash() -> str | None:

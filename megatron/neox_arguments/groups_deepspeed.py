@@ -16,7 +16,11 @@ class NeoXArgsDeepspeedConfig:
 
     deepspeed: bool = arg(True, "DeepSpeed is always the engine.")
     train_batch_size: int | None = arg(None, "Global batch size in samples per optimizer step.")
-    train_micro_batch_size_per_gpu: int | None = arg(None, "Samples per rank per forward pass.")
+    train_micro_batch_size_per_gpu: int | Literal["auto"] | None = arg(
+        None,
+        "Samples per rank per forward pass; auto (with train_batch_size): the largest that fits "
+        "(probed on CUDA, estimated elsewhere), accumulation making up the rest.",
+    )
     gradient_accumulation_steps: int | None = arg(
         None, "Micro-batches per optimizer step; derived from the other two (1 when unset)."
     )

@@ -23,6 +23,11 @@ class NeoXArgsModel:
     precision: Literal["fp16", "fp32", "bf16", "bfloat16"] | None = arg(
         None, "Numeric precision; derived from the fp16/bf16 dicts when unset (else fp32)."
     )
+    model_type: Literal["gpt", "lstm"] = arg(
+        "gpt",
+        "Strata: the architecture: gpt (the transformer) or lstm (a baseline sized by hidden_size "
+        "and num_layers, data parallel only; it ignores attention and positional keys).",
+    )
     num_layers: int | None = arg(None, "Number of transformer layers.")
     hidden_size: int | None = arg(None, "Transformer hidden size.")
     intermediate_size: int | None = arg(

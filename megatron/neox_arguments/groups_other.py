@@ -229,6 +229,14 @@ class NeoXArgsOther:
     global_num_gpus: int | None = arg(
         None, "World size; from num_gpus x num_nodes (or the hostfile) when unset."
     )
+    device_memory: str | None = arg(
+        None,
+        "Strata: memory of one accelerator (e.g. 80GB) for the memory estimate's verdict and for "
+        "automatic micro-batch sizing without CUDA (default: the host's available memory).",
+    )
+    auto_batch_memory_fraction: float = arg(
+        0.9, "Strata: share of the device memory automatic micro-batch sizing may fill."
+    )
 
 
 @dataclass
@@ -241,3 +249,6 @@ class NeoXArgsDerived:
     tokens_per_step: int | None = arg(None, "train_batch_size x seq_length.", DERIVED)
     total_tokens: int | None = arg(None, "tokens_per_step x train_iters.", DERIVED)
     save_iters: list | None = arg(None, "Iterations at which checkpoints are saved.", DERIVED)
+    auto_micro_batch: bool = arg(
+        False, "train_micro_batch_size_per_gpu was auto: the run may size it again.", DERIVED
+    )

@@ -49,10 +49,24 @@ def _norm_params(args: Any, width: int | None = None) -> int:
     return h
 
 
+def lstm_layer_params(hidden: int) -> int:
+    """One torch.nn.LSTM layer: four gates, each with input and hidden weights and two biases."""
+    return 4 * (2 * hidden * hidden + 2 * hidden)
+
+
 def parameter_counts(args: Any) -> dict[str, int]:
     """Parameters of the embedding, all layers, final norm and output layer, and the total."""
     h, heads = args.hidden_size, args.num_attention_heads
     vocab = args.padded_vocab_size
+    if getattr(args, "model_type", "gpt") == "lstm":
+        counts = {
+            "embedding": vocab * h,
+            "layers": lstm_layer_params(h) * args.num_layers,
+            "final_norm": 0,
+            "output": vocab * h if args.no_weight_tying else 0,
+        }
+        counts["total"] = sum(counts.values())
+        return counts
     kv_width = (h // heads) * (args.num_kv_heads or heads)
     embedding = vocab * h
     if args.pos_emb == "learned":

@@ -100,11 +100,14 @@ def choose_profile(
 
 def batch_overrides(profile: Profile, values: dict) -> list[str]:
     """key=value overrides that divide the micro-batch by the profile's micro_batch_divisor and
-    multiply the accumulation by it: the global batch is unchanged."""
+    multiply the accumulation by it: the global batch is unchanged. None for
+    train_micro_batch_size_per_gpu: auto."""
     divisor = profile.micro_batch_divisor
     if divisor == 1:
         return []
     micro = values.get("train_micro_batch_size_per_gpu")
+    if micro == "auto":  # the run sizes it on the device, keeping the global batch
+        return []
     if micro is None:
         raise ProfileError(
             f"cluster profile {profile.name} divides the micro-batch by {divisor}: the config "
