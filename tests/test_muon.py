@@ -16,6 +16,7 @@ import pytest
 import torch
 from _config_fixtures import small_config
 from _model_fixtures import fixed_tokens, make_args
+from test_checkpoint_reshard import checkpoint_at
 from test_parallel_equivalence import Layout, rel_diffs, train
 
 from megatron.checkpoint.optimizer_state import OptimizerView
@@ -269,13 +270,13 @@ def launched(tmp_path_factory, text_dataset):
     cache: dict = {}
 
     def get(kind: str, layout: Layout) -> tuple[dict[int, dict], Path]:
-        if (kind, layout) not in cache:
+        if (kind, layout.name) not in cache:
             tmp = tmp_path_factory.mktemp(f"{kind}-{layout.name}")
             records = run(
                 tmp, text_dataset, kind, layout, save=str(tmp / "ckpt"), checkpoint_factor=SAVED_AT
             )
-            cache[kind, layout] = records, tmp / "ckpt"
-        return cache[kind, layout]
+            cache[kind, layout.name] = records, tmp / "ckpt"
+        return cache[kind, layout.name]
 
     return get
 
@@ -300,7 +301,8 @@ def test_layout_follows_the_single_process_losses(launched, kind, layout) -> Non
 def test_resume_after_resharding(tmp_path, text_dataset, launched, kind, saved_at, resumed_at):
     reference, _ = launched(kind, Layout())
     _, ckpt = launched(kind, saved_at)
-    resumed = run(tmp_path, text_dataset, kind, resumed_at, load=str(ckpt))
+    load = checkpoint_at(ckpt, SAVED_AT, tmp_path / "load")
+    resumed = run(tmp_path, text_dataset, kind, resumed_at, load=str(load))
     assert sorted(resumed) == list(range(SAVED_AT + 1, STEPS + 1))
     later = {i: reference[i] for i in resumed}
     assert max(rel_diffs(resumed, later, "lm_loss")) < REL_TOL
