@@ -102,7 +102,7 @@ class Muon(torch.optim.Optimizer):
                 else:
                     adamw_update(p, group, self.state[p])
         directions = [self._momentum_direction(p) for _, p in matrices]
-        for (group, p), update in zip(matrices, self._orthogonal_updates(matrices, directions)):
+        for (group, p), update in zip(matrices, self.orthogonal_updates(matrices, directions)):
             p.mul_(1 - group["lr"] * group["weight_decay"])
             p.add_(update, alpha=-group["lr"])
         return loss
@@ -123,7 +123,7 @@ class Muon(torch.optim.Optimizer):
         state["momentum_buffer"].copy_(local_slice(p, buffer))
         return grad + coefficients * buffer if self.nesterov else buffer
 
-    def _orthogonal_updates(self, matrices: list, directions: list) -> list[torch.Tensor]:
+    def orthogonal_updates(self, matrices: list, directions: list) -> list[torch.Tensor]:
         """Each matrix's update (this rank's slice): this data-parallel rank computes its share
         and receives the others'."""
         if not matrices:
