@@ -116,12 +116,19 @@ class Muon(torch.optim.Optimizer):
         state["step"] += 1
         grad = GATES[self.nolah.gate](full_tensor(p, p.grad))
         buffer = full_tensor(p, state["momentum_buffer"])
-        coefficients = torch.full_like(grad, self.momentum)
-        for rows in logical_rows(p):
-            coefficients[rows] = momentum_coefficients(grad[rows], self.momentum, self.nolah)
+        coefficients = self._momentum_coefficients(p, grad)
         buffer = coefficients * buffer + grad
         state["momentum_buffer"].copy_(local_slice(p, buffer))
         return grad + coefficients * buffer if self.nesterov else buffer
+
+    def _momentum_coefficients(self, p, grad: torch.Tensor) -> torch.Tensor | float:
+        """The momentum, or with NOLAH's scaling its value per element of each logical matrix."""
+        if self.nolah.momentum_scale is None:
+            return self.momentum
+        coefficients = torch.empty_like(grad)
+        for rows in logical_rows(p):
+            coefficients[rows] = momentum_coefficients(grad[rows], self.momentum, self.nolah)
+        return coefficients
 
     def orthogonal_updates(self, matrices: list, directions: list) -> list[torch.Tensor]:
         """Each matrix's update (this rank's slice): this data-parallel rank computes its share

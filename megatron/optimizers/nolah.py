@@ -33,13 +33,9 @@ class Nolah:
     projection: str = "none"
 
 
-def momentum_coefficients(
-    grad: torch.Tensor, momentum: float, nolah: Nolah
-) -> torch.Tensor | float:
+def momentum_coefficients(grad: torch.Tensor, momentum: float, nolah: Nolah) -> torch.Tensor:
     """The momentum per element: ``nolah.momentum_scale`` where |grad| exceeds its
     ``scale_percentile``-th percentile over the matrix, ``momentum`` elsewhere."""
-    if nolah.momentum_scale is None:
-        return momentum
     magnitude = grad.abs().flatten()
     k = max(1, math.ceil(nolah.scale_percentile / 100 * magnitude.numel()))
     threshold = magnitude.kthvalue(k).values  # kthvalue, unlike quantile, has no size limit
