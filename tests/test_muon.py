@@ -225,6 +225,8 @@ def test_muon_config_errors() -> None:
     assert "did you mean 'adamw_betas'" in message
     message = config_error(optimizer={"type": "muon_nolah", "params": {"projection": "gelu"}})
     assert "optimizer.params.projection" in message and "'silu'" in message
+    message = config_error(optimizer={"type": "muon_nolah", "params": {"momentum_scale": 1.5}})
+    assert "optimizer.params.momentum_scale" in message and "[0.0, 1.0]" in message
     message = config_error(optimizer={"type": "muon", "params": {}}, zero_optimization={"stage": 1})
     assert "zero_optimization.stage=1" in message and "cut them apart" in message
     message = config_error(optimizer={"type": "muon", "params": {}}, precision="bfloat16")

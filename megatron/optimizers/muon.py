@@ -49,6 +49,7 @@ MUON_KEYS = {
     "adamw_wd": None,  # the config's weight_decay
 }
 NOLAH_KEYS = {"gate": "tanh", "momentum_scale": 0.9, "scale_percentile": 95.0, "projection": "silu"}
+RANGES = {"momentum": (0.0, 1.0), "momentum_scale": (0.0, 1.0), "scale_percentile": (0.0, 100.0)}
 CHOICES = {
     "orthogonalize": ORTHOGONALIZERS,
     "ns_dtype": NS_DTYPES,
@@ -295,6 +296,16 @@ def _check_muon(args: Any, problems: Problems) -> None:
             problems.add(
                 f"optimizer.params.{key}{where}: expected one of {sorted(names)}, "
                 f"got {params[key]!r}"
+            )
+    for key, (low, high) in RANGES.items():
+        value = params.get(key)
+        if (
+            key in known
+            and value is not None
+            and not (isinstance(value, int | float) and low <= value <= high)
+        ):
+            problems.add(
+                f"optimizer.params.{key}{where}: expected a number in [{low}, {high}], got {value!r}"
             )
     if args.zero_stage:
         problems.add(
