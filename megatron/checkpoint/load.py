@@ -131,14 +131,6 @@ def load_checkpoint(
     weights = checkpoint.model
     check_shapes({name: shape for name, _, shape in entries}, weights.shapes, folder)
     optim = checkpoint.optimizer if load_optimizer else None
-    keys = metadata["optimizer_state_keys"]
-    if optim is not None:
-        missing = [f"{n}.{k}" for n in layouts for k in keys if f"{n}.{k}" not in optim]
-        if missing:
-            raise CheckpointError(
-                f"load: {folder} lacks {len(missing)} optimizer tensors "
-                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"
-            )
     with torch.no_grad():
         for name, p in named:
             if is_zero3(p):
@@ -150,8 +142,16 @@ def load_checkpoint(
         return metadata
 
     view = OptimizerView(optimizer, [p for _, p in named])
+    keys: dict[str, list[str]] = {}  # per parameter: its states differ under Muon
     if optim is not None:
         view.materialize()
+        keys = {name: view.state_keys(p) for name, p in named}
+        missing = [f"{n}.{k}" for n in keys for k in keys[n] if f"{n}.{k}" not in optim]
+        if missing:
+            raise CheckpointError(
+                f"load: {folder} lacks {len(missing)} optimizer tensors "
+                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"
+            )
     with torch.no_grad():
         for name, p in named:
             # The fp32 master follows the checkpoint even for weights-only loads, so the
@@ -162,7 +162,7 @@ def load_checkpoint(
             else:
                 sources = [(weights, name, MASTER)]
             if optim is not None:
-                sources += [(optim, f"{name}.{key}", key) for key in keys]
+                sources += [(optim, f"{name}.{key}", key) for key in keys[name]]
             for files, tensor, key in sources:
                 held = view.fragment(p, key, share_replicas=False)
                 if held is not None:

@@ -40,10 +40,24 @@ class OptimizerView:
             self.wrapper._hp_optimizer_states_linked = False
             self.wrapper._lazy_init_hp_params_optimizer_state()
 
-    def state_keys(self) -> list[str]:
-        for state in self.base.state.values():
-            return sorted(k for k, v in state.items() if torch.is_tensor(v) and v.ndim > 0)
-        return []
+    def state_keys(self, p: torch.nn.Parameter | None = None) -> list[str]:
+        """The names of the parameter-shaped states of ``p`` (None: of any parameter). They
+        differ between parameters under optimizers with several rules (Muon's matrices hold
+        ``momentum_buffer``, its AdamW parameters ``exp_avg`` and ``exp_avg_sq``)."""
+        if p is None or self.partitioned:
+            states = list(self.base.state.values())
+        else:
+            states = [self.base.state.get(self.master_of[p], {})]
+        keys = {k for state in states for k, v in state.items() if torch.is_tensor(v) and v.ndim}
+        if p is not None and not self.partitioned:
+            odd = [k for k in keys if states[0][k].shape != self.master_of[p].shape]
+            if odd:
+                raise ValueError(
+                    f"optimizer state {odd} of a {tuple(p.shape)} parameter is not shaped like "
+                    "it (a factored state, e.g. Adafactor's): the layout-free checkpoint format "
+                    "stores parameter-shaped states only"
+                )
+        return sorted(keys)
 
     def fragment(
         self, p: torch.nn.Parameter, key: str, share_replicas: bool = True

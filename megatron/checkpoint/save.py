@@ -151,7 +151,7 @@ def take_snapshot(
     states unless ``rng`` is false."""
     named = canonical_named_parameters(module, replicas=False)
     store_master = any(p.dtype != torch.float32 for _, p in named)
-    suffixes = ([MASTER] if store_master else []) + view.state_keys() if optimizer_state else []
+    masters = [MASTER] if store_master else []
     model: Pieces = []
     optimizer: Pieces = []
     for name, p in named:
@@ -159,7 +159,7 @@ def take_snapshot(
             continue
         layout = tensor_parallel_slice(p)
         model += _boxed(name, layout, *weight_fragment(p), buffers)
-        for key in suffixes:
+        for key in masters + view.state_keys(p) if optimizer_state else []:
             held = view.fragment(p, key)
             if held is not None:
                 optimizer += _boxed(f"{name}.{key}", layout, *held, buffers)

@@ -106,6 +106,8 @@ class TrainStep(ABC):
             blocks = compile_transformer_blocks(model)
             print_rank_0(f"torch_compile: compiled {blocks} blocks and the cross-entropy kernels")
         optimizer = build_optimizer(args, model)
+        # What the optimizer reports per step (Muon's orthogonalize_failures), if anything.
+        self.optimizer_metrics = getattr(optimizer, "metrics", dict)
         if self.clipper is not None:
             optimizer.register_step_pre_hook(self.clipper)
         optimizer.register_step_pre_hook(self.guard)  # after the clipper: it sees the norm first
@@ -155,5 +157,7 @@ class TrainStep(ABC):
     # -- shared --------------------------------------------------------------------------------
 
     def with_grad_norm(self, metrics: Metrics) -> Metrics:
+        """The step's metrics with the gradient norm and the optimizer's own metrics."""
+        metrics = {**metrics, **self.optimizer_metrics()}
         norm = self.clipper.norm if self.clipper is not None else self.engine.get_global_grad_norm()
         return metrics if norm is None else {**metrics, "grad_norm": norm}

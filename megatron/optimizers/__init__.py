@@ -1,5 +1,6 @@
 """Optimizer registry and parameter groups (no weight decay on norms and biases; under muP,
-hidden matrices learn at lr / m)."""
+hidden matrices learn at lr / m). Muon, NOLAH-Muon (muon.py) and Lion (lion.py) register
+themselves at the end of this module."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from megatron.model.mup import is_hidden_matrix, width_multiplier
 from megatron.neox_arguments.errors import Problems
 from megatron.neox_arguments.memory import register_optimizer_state
 from megatron.neox_arguments.rules import register_rule
+from megatron.optimizers.matrices import mark_logical_matrices
 from megatron.registry import Registry
 
 OptimizerFactory = Callable[[list[dict], dict], torch.optim.Optimizer]
@@ -60,6 +62,19 @@ def _sgd_states(params: dict) -> float:
 def _sgd(param_groups: list[dict], params: dict) -> torch.optim.Optimizer:
     return torch.optim.SGD(
         param_groups, lr=params.get("lr", 1e-3), momentum=params.get("momentum", 0.0)
+    )
+
+
+@register_optimizer("adafactor")
+def _adafactor(param_groups: list[dict], params: dict) -> torch.optim.Optimizer:
+    # Factored second moments: a 2-D weight keeps one row and one column vector. The
+    # layout-free checkpoint stores states shaped like their parameter, so it refuses these.
+    return torch.optim.Adafactor(
+        param_groups,
+        lr=params.get("lr", 1e-2),
+        beta2_decay=params.get("beta2_decay", -0.8),
+        eps=tuple(params.get("eps", (None, 1e-3))),
+        d=params.get("d", 1.0),
     )
 
 
@@ -132,7 +147,12 @@ def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
     factory = OPTIMIZERS.get(str(spec.get("type", "adam")), key="optimizer.type")
     params = dict(spec.get("params", {}))
     params["lr"] = args.lr
+    mark_logical_matrices(model)  # for optimizers that treat q, k, v (gate, up) apart
     groups = get_param_groups(model.named_parameters(), args.weight_decay, mup_hidden_lr_mult(args))
     for group in groups:  # the LR schedule re-applies lr_mult at every step
         group["lr"] = args.lr * group.get("lr_mult", 1.0)
     return factory(groups, params)
+
+
+# The optimizers defined in their own modules register with the registry above.
+from megatron.optimizers import lion, muon  # noqa: E402, F401
