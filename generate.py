@@ -24,13 +24,11 @@ import torch
 import torch.distributed as dist
 
 from megatron.checkpoint import resolve_checkpoint
-from megatron.checkpoint.load import load_checkpoint
 from megatron.entry import run_entry_point
-from megatron.initialize import device, initialize_megatron
-from megatron.model import GPTModel, ModelConfig
+from megatron.inference import load_model
+from megatron.initialize import device
 from megatron.neox_arguments import ConfigError
 from megatron.text_generation import generate_batch
-from megatron.tokenizer import build_tokenizer
 from megatron.utils import atomic_write_text
 
 
@@ -126,10 +124,7 @@ def read_prompts(path: str, prompt_end: str) -> list[str]:
 
 
 def load_sampler(args: Any) -> Sampler:
-    initialize_megatron(args)
-    tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file)
-    model = GPTModel(ModelConfig.from_neox(args)).to(device()).eval()
-    load_checkpoint(args, model, None, None, load_rng=False)
+    model, tokenizer, _ = load_model(args)
     return Sampler(args, model, tokenizer)
 
 

@@ -165,9 +165,11 @@ def check_values(args: Any, problems: Problems) -> None:
             "num_samples",
             "rotary_emb_base",
             "sliding_window_width",
+            "eval_limit",
+            "eval_batch_size",
         ),
     )
-    _positive(args, problems, ("eval_iters", "num_workers", "top_k"), minimum=0)
+    _positive(args, problems, ("eval_iters", "num_workers", "top_k", "eval_num_fewshot"), minimum=0)
     h, heads, kv = args.hidden_size, args.num_attention_heads, args.num_kv_heads
     if h and heads and h > 0 and heads > 0 and h % heads:
         problems.add(
