@@ -1,0 +1,56 @@
+"""One evaluation: the harness's tasks scored on a loaded model, logged on rank 0. Used by
+eval.py and, every `eval_tasks_interval` iterations, by training."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from megatron.evaluation.adapter import StrataLM
+from megatron.evaluation.results import metric_records
+from megatron.neox_arguments import ConfigError
+
+
+def check_decoding(tokenizer: Any, generating: list[str]) -> None:
+    """Generation tasks need a tokenizer that turns ids back into text."""
+    if not generating:
+        return
+    try:
+        tokenizer.detokenize(tokenizer.tokenize("a"))
+    except (NotImplementedError, ValueError) as err:
+        raise ConfigError(
+            f"eval_tasks {', '.join(generating)} generate text, but tokenizer "
+            f"{tokenizer.name} cannot decode token ids: {err}"
+        ) from err
+
+
+def evaluate_tasks(
+    model: torch.nn.Module, tokenizer: Any, tasks: dict[str, Any], args: Any
+) -> dict[str, Any] | None:
+    """The harness's results dict on data-parallel rank 0 (None elsewhere)."""
+    from lm_eval.evaluator import simple_evaluate
+
+    from megatron.evaluation.tasks import leaf_tasks
+
+    lm = StrataLM(model, tokenizer, args.seq_length, args.eval_batch_size, seed=args.seed)
+    was_training = model.training
+    model.eval()
+    try:
+        return simple_evaluate(
+            model=lm,
+            tasks=leaf_tasks(tasks),
+            num_fewshot=args.eval_num_fewshot,
+            limit=args.eval_limit,
+            log_samples=False,
+            apply_chat_template=args.eval_apply_chat_template,
+            random_seed=args.seed,
+        )
+    finally:
+        model.train(was_training)
+
+
+def log_results(metrics_logger: Any, results: dict[str, Any], iteration: int) -> None:
+    for record in metric_records(results, iteration):
+        name = f"{record['task']}/{record['metric']}"
+        metrics_logger.log(record, scalars={name: record["value"]})
