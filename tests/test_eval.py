@@ -207,9 +207,11 @@ def test_data_and_tensor_parallel_equal_one_process(tiny_ckpt, tmp_path):
         results = read_results(prefix)
         assert results["strata"]["iteration"] == 5
         scores[name] = results["results"]["arc_easy_local"]
-    assert scores["dp2"] == scores["single"]
-    for metric in ("acc,none", "acc_norm,none"):
-        assert scores["tp2"][metric] == pytest.approx(scores["single"][metric], abs=1e-9)
+    for layout in ("dp2", "tp2"):
+        assert scores[layout].keys() == scores["single"].keys()
+        for metric, value in scores["single"].items():
+            # Gathered from two ranks, the standard errors are summed in another order.
+            assert scores[layout][metric] == pytest.approx(value, rel=1e-12), (layout, metric)
 
 
 BAD_INPUTS = {
