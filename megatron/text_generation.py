@@ -51,6 +51,23 @@ def sample_next_token(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def truncate_at_stop(text: str, stops: Sequence[str]) -> str:
+    """`text` up to the first occurrence of any stop string."""
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def stop_string_check(
+    detokenize: Callable[[list[int]], str], stops: Sequence[str]
+) -> Callable[[list[int]], bool] | None:
+    """generate_batch's `stop_when` for stop strings (None without any): true once the decoded
+    continuation contains one (a string may span several tokens)."""
+    stops = [s for s in stops if s]
+    if not stops:
+        return None
+    return lambda tokens: any(s in detokenize(tokens) for s in stops)
+
+
 @dataclass
 class Completion:
     """One prompt's continuation. `finished`: it ended with a stop token (not included in

@@ -19,7 +19,8 @@ from megatron.model import GPTModel, ModelConfig
 pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from megatron.evaluation.adapter import StrataLM, truncate_at_stop  # noqa: E402
+from megatron.evaluation.adapter import StrataLM  # noqa: E402
+from megatron.text_generation import truncate_at_stop  # noqa: E402
 from megatron.tokenizer.base import Tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.timeout(900)

@@ -18,7 +18,13 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 
 from megatron import mpu
-from megatron.text_generation import generate_batch, left_pad, prefill_mask
+from megatron.text_generation import (
+    generate_batch,
+    left_pad,
+    prefill_mask,
+    stop_string_check,
+    truncate_at_stop,
+)
 
 # One scoring request in token ids: (context, continuation).
 TokenPair = tuple[list[int], list[int]]
@@ -29,12 +35,6 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[l
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     for start in range(0, len(order), batch_size):
         yield order[start : start + batch_size]
-
-
-def truncate_at_stop(text: str, stops: Sequence[str]) -> str:
-    """`text` up to the first occurrence of any stop string."""
-    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=len(text))
-    return text[:cut]
 
 
 class StrataLM(TemplateLM):
@@ -148,9 +148,6 @@ class StrataLM(TemplateLM):
 
     # -- generation ------------------------------------------------------------------------
 
-    def _stop_check(self, stops: Sequence[str]) -> Callable[[list[int]], bool]:
-        return lambda tokens: any(s and s in self.tok_decode(tokens) for s in stops)
-
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy (or sampled with do_sample) continuations through the KV cache, cut at the
         request's first stop string and at most max_gen_toks tokens long."""
@@ -178,7 +175,7 @@ class StrataLM(TemplateLM):
                     temperature=temperature,
                     pad_id=self.eot_token_id,
                     generator=self.generator,
-                    stop_when=self._stop_check(stops),
+                    stop_when=stop_string_check(self.tok_decode, stops),
                 )
                 for position, completion in zip(batch, completions):
                     text = truncate_at_stop(self.tok_decode(completion.tokens), stops)

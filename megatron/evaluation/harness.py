@@ -10,6 +10,7 @@ import torch
 from megatron.evaluation.adapter import StrataLM
 from megatron.evaluation.results import metric_records
 from megatron.neox_arguments import ConfigError
+from megatron.tokenizer.chat import load_chat_template
 
 
 def check_decoding(tokenizer: Any, generating: list[str]) -> None:
@@ -33,7 +34,11 @@ def evaluate_tasks(
 
     from megatron.evaluation.tasks import leaf_tasks
 
-    lm = StrataLM(model, tokenizer, args.seq_length, args.eval_batch_size, seed=args.seed)
+    chat = None
+    if args.eval_apply_chat_template:
+        key = "eval_apply_chat_template"
+        chat = load_chat_template(key, args.tokenizer_type, args.vocab_file)
+    lm = StrataLM(model, tokenizer, args.seq_length, args.eval_batch_size, chat, args.seed)
     was_training = model.training
     model.eval()
     try:

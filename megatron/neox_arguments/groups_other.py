@@ -129,6 +129,12 @@ class NeoXArgsTextgen:
     sample_output_file: str = arg("samples.txt", "File to write generations to.")
     num_samples: int = arg(1, "Unconditional samples to generate.")
     recompute: bool = arg(False, "Recompute attention instead of using the KV cache.")
+    stop_tokens: list | None = arg(
+        None, "generate.py also stops at these: token ids, or strings (cut from the text)."
+    )
+    apply_chat_template: bool = arg(
+        False, "generate.py sends each prompt as a user turn through the tokenizer's chat template."
+    )
     eval_results_prefix: str = arg(
         "", "eval.py writes {eval_results_prefix}_eval_results_{timestamp}.json."
     )
