@@ -261,3 +261,32 @@ def test_generation_tasks_need_a_tokenizer_that_decodes():
     check_decoding(EncodeOnly(), [])  # scoring tasks never decode
     with pytest.raises(ConfigError, match="gsm8k generate text.*cannot decode"):
         check_decoding(EncodeOnly(), ["gsm8k"])
+
+
+def test_eval_tasks_during_training_leave_training_unchanged(tmp_path, text_dataset):
+    """Every eval_tasks_interval iterations and at the end, logged with the iteration; the
+    losses equal a run without them (dropout on: the harness leaves the RNGs alone)."""
+    runs = {}
+    for name, extra in (
+        ("plain", {}),
+        ("tasks", {"eval_tasks": ["arc_easy_local"], "eval_limit": 4, "eval_tasks_interval": 3}),
+    ):
+        values = small_config(
+            text_dataset,
+            train_iters=5,
+            log_interval=1,
+            eval_interval=100,
+            hidden_dropout=0.1,
+            log_dir=str(tmp_path / name),
+            **extra,
+        )
+        run_tool("deepy.py", "train.py", write_config(tmp_path / f"{name}.yml", values))
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        runs[name] = [json.loads(line) for line in lines]
+    train_losses = {
+        name: [(r["iteration"], r["lm_loss"]) for r in records if r["split"] == "train"]
+        for name, records in runs.items()
+    }
+    assert train_losses["tasks"] == train_losses["plain"]
+    evals = [(r["iteration"], r["metric"]) for r in runs["tasks"] if r["split"] == "eval"]
+    assert evals == [(3, "acc"), (3, "acc_norm"), (5, "acc"), (5, "acc_norm")]

@@ -49,13 +49,21 @@ def evaluate_tasks(
             limit=args.eval_limit,
             log_samples=False,
             apply_chat_template=args.eval_apply_chat_template,
-            random_seed=args.seed,
+            # Leave the global RNGs alone (training continues from them); seed the few-shot draws.
+            random_seed=None,
+            numpy_random_seed=None,
+            torch_random_seed=None,
+            fewshot_random_seed=args.seed,
         )
     finally:
         model.train(was_training)
 
 
-def log_results(metrics_logger: Any, results: dict[str, Any], iteration: int) -> None:
-    for record in metric_records(results, iteration):
+def log_results(metrics_logger: Any, results: dict[str, Any], iteration: int) -> list[dict]:
+    """Each task's metrics to metrics.jsonl (and TensorBoard / W&B as eval/{task}/{metric});
+    returns the records."""
+    records = metric_records(results, iteration)
+    for record in records:
         name = f"{record['task']}/{record['metric']}"
         metrics_logger.log(record, scalars={name: record["value"]})
+    return records

@@ -149,6 +149,9 @@ class NeoXArgsTextgen:
     )
     eval_limit: int | None = arg(None, "Score only the first N documents of each task.")
     eval_batch_size: int = arg(16, "Requests per forward pass in eval.py.")
+    eval_tasks_interval: int | None = arg(
+        None, "train.py runs eval_tasks every this many iterations and at the end (off: unset)."
+    )
     eval_apply_chat_template: bool = arg(
         False, "Wrap eval prompts in the tokenizer's chat template (instruction-tuned models)."
     )
