@@ -76,7 +76,7 @@ class Sampler:
         with apply_chat_template a user turn), cut to its last tokens when it leaves no room in
         seq_length."""
         if self.chat is not None:
-            text = self.chat([{"role": "user", "content": text}], True)
+            text = self.chat.render([{"role": "user", "content": text}])
         ids = self.tokenizer.tokenize(text) if text else [self.tokenizer.eod]
         seq, wanted = self.args.seq_length, self.args.maximum_tokens
         if len(ids) < seq:

@@ -290,3 +290,17 @@ def test_eval_tasks_during_training_leave_training_unchanged(tmp_path, text_data
     assert train_losses["tasks"] == train_losses["plain"]
     evals = [(r["iteration"], r["metric"]) for r in runs["tasks"] if r["split"] == "eval"]
     assert evals == [(3, "acc"), (3, "acc_norm"), (5, "acc"), (5, "acc_norm")]
+
+
+def test_chat_template_of_a_hugging_face_tokenizer(smollm2_hf):
+    from megatron.neox_arguments import ConfigError
+    from megatron.tokenizer.chat import load_chat_template
+
+    key = "eval_apply_chat_template"
+    chat = load_chat_template(key, "HFTokenizer", str(smollm2_hf / "tokenizer.json"))
+    lm = StrataLM(tiny_lm().model, PrintableTokenizer(), SEQ, 2, chat_template=chat)
+    text = lm.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    assert lm.chat_template(True) == chat.source
+    with pytest.raises(ConfigError, match="eval_apply_chat_template: chat templates come with"):
+        load_chat_template(key, "bytes", None)

@@ -9,7 +9,7 @@ tensor-parallel ranks of one replica score the same requests together.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ from megatron.text_generation import (
     stop_string_check,
     truncate_at_stop,
 )
+from megatron.tokenizer.chat import ChatTemplate
 
 # One scoring request in token ids: (context, continuation).
 TokenPair = tuple[list[int], list[int]]
@@ -47,7 +48,7 @@ class StrataLM(TemplateLM):
         tokenizer: Any,
         seq_length: int,
         batch_size: int,
-        chat_template: Callable[[list[dict[str, str]], bool], str] | None = None,
+        chat_template: ChatTemplate | None = None,
         seed: int = 1234,
     ) -> None:
         super().__init__()
@@ -191,16 +192,16 @@ class StrataLM(TemplateLM):
     def tokenizer_name(self) -> str:
         return self.strata_tokenizer.name
 
-    @property
-    def chat_template(self) -> bool:
-        return self._chat_template is not None
+    def chat_template(self, chat_template: bool | str = False) -> str:
+        """The template's source, which the harness records with the results."""
+        return self._chat_template.source if self._chat_template is not None else ""
 
     def apply_chat_template(
         self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
     ) -> str:
         if self._chat_template is None:
-            raise ValueError("this tokenizer has no chat template")
-        return self._chat_template(chat_history, add_generation_prompt)
+            raise ValueError("eval_apply_chat_template is off: no chat template loaded")
+        return self._chat_template.render(chat_history, add_generation_prompt)
 
     # -- data parallelism: the harness splits documents by rank and gathers through these ---
 

@@ -3,16 +3,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from megatron.neox_arguments import ConfigError
 
-ChatTemplate = Callable[[list[dict[str, str]], bool], str]
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A tokenizer's chat template: its Jinja `source` and `render(messages)`."""
+
+    source: str
+    tokenizer: Any
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
 
 def load_chat_template(key: str, tokenizer_type: str, vocab_file: str | None) -> ChatTemplate:
-    """render(messages, add_generation_prompt) -> text, from the folder of `vocab_file`
+    """The chat template of the Hugging Face tokenizer in the folder of `vocab_file`
     (tokenizer_config.json's chat_template or chat_template.jinja). `key` names the setting
     that asked for it in errors."""
     if tokenizer_type != "HFTokenizer" or not vocab_file:
@@ -33,9 +45,4 @@ def load_chat_template(key: str, tokenizer_type: str, vocab_file: str | None) ->
             "tokenizer_config.json or a chat_template.jinja)"
         )
 
-    def render(messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-
-    return render
+    return ChatTemplate(tokenizer.chat_template, tokenizer)
