@@ -8,7 +8,10 @@
 `unconditional` and `input-file` write one JSON object per sample to `sample_output_file`
 (`context`, `text`, `length`, `finished`, `message`, `duration_seconds`, and `logits` with
 `return_logits`); `interactive` reads one prompt per line from stdin until an empty line or EOF.
-Prompts run in batches of `train_micro_batch_size_per_gpu`.
+Prompts run in batches of `train_micro_batch_size_per_gpu` (one when no batch key is set).
+Generation stops at the end-of-document token and at `stop_tokens` (ids, or strings, which are
+cut from the text); `apply_chat_template: true` sends each prompt as a user turn through the
+tokenizer's chat template.
 """
 
 from __future__ import annotations
@@ -24,14 +27,35 @@ import torch
 import torch.distributed as dist
 
 from megatron.checkpoint import resolve_checkpoint
-from megatron.checkpoint.load import load_checkpoint
 from megatron.entry import run_entry_point
-from megatron.initialize import device, initialize_megatron
-from megatron.model import GPTModel, ModelConfig
+from megatron.inference import load_model
+from megatron.initialize import device
 from megatron.neox_arguments import ConfigError
-from megatron.text_generation import generate_batch
-from megatron.tokenizer import build_tokenizer
+from megatron.text_generation import generate_batch, stop_string_check, truncate_at_stop
+from megatron.tokenizer.chat import load_chat_template
 from megatron.utils import atomic_write_text
+
+
+def split_stops(stops: list | None, tokenizer: Any) -> tuple[set[int], list[str]]:
+    """`stop_tokens` as token ids (ids, and strings that are one token) and the strings that
+    span several tokens; the end-of-document token always stops."""
+    ids, strings = {tokenizer.eod}, []
+    for stop in stops or []:
+        if isinstance(stop, bool) or not isinstance(stop, (int, str)) or stop == "":
+            raise ConfigError(f"stop_tokens: expected token ids or non-empty strings, got {stop!r}")
+        if isinstance(stop, int):
+            if not 0 <= stop < tokenizer.vocab_size:
+                raise ConfigError(
+                    f"stop_tokens: token id {stop} is outside the tokenizer's 0..{tokenizer.vocab_size - 1}"
+                )
+            ids.add(stop)
+            continue
+        encoded = tokenizer.tokenize(stop)
+        if len(encoded) == 1:
+            ids.add(encoded[0])
+        else:
+            strings.append(stop)
+    return ids, strings
 
 
 class Sampler:
@@ -40,10 +64,19 @@ class Sampler:
     def __init__(self, args: Any, model: torch.nn.Module, tokenizer: Any) -> None:
         self.args, self.model, self.tokenizer = args, model, tokenizer
         self.generator = torch.Generator(device()).manual_seed(args.seed)
+        self.stop_ids, self.stop_strings = split_stops(args.stop_tokens, tokenizer)
+        self.chat = (
+            load_chat_template("apply_chat_template", args.tokenizer_type, args.vocab_file)
+            if args.apply_chat_template
+            else None
+        )
 
     def _context(self, text: str) -> tuple[list[int], str | None]:
-        """Token ids of one prompt (an empty prompt is the end-of-document token, as in NeoX),
-        cut to its last tokens when it leaves no room in seq_length."""
+        """Token ids of one prompt (an empty prompt is the end-of-document token, as in NeoX;
+        with apply_chat_template a user turn), cut to its last tokens when it leaves no room in
+        seq_length."""
+        if self.chat is not None:
+            text = self.chat.render([{"role": "user", "content": text}])
         ids = self.tokenizer.tokenize(text) if text else [self.tokenizer.eod]
         seq, wanted = self.args.seq_length, self.args.maximum_tokens
         if len(ids) < seq:
@@ -65,7 +98,7 @@ class Sampler:
                 args.maximum_tokens,
                 args.seq_length,
                 self.tokenizer.vocab_size,
-                stop_tokens=(self.tokenizer.eod,),
+                stop_tokens=self.stop_ids,
                 temperature=args.temperature,
                 top_k=args.top_k,
                 top_p=args.top_p,
@@ -73,12 +106,15 @@ class Sampler:
                 pad_id=self.tokenizer.pad,
                 generator=self.generator,
                 return_logits=args.return_logits,
+                stop_when=stop_string_check(self.tokenizer.detokenize, self.stop_strings),
             )
             seconds = time.perf_counter() - began  # the whole batch's time, shared by its rows
             for text, (_, message), result in zip(chunk, contexts, results):
                 record = {
                     "context": text,
-                    "text": self.tokenizer.detokenize(result.tokens),
+                    "text": truncate_at_stop(
+                        self.tokenizer.detokenize(result.tokens), self.stop_strings
+                    ),
                     "length": len(result.tokens),
                     "finished": result.finished,
                     "message": message,
@@ -126,12 +162,7 @@ def read_prompts(path: str, prompt_end: str) -> list[str]:
 
 
 def load_sampler(args: Any) -> Sampler:
-    if args.model_type != "gpt":  # sampling uses the transformer's KV cache
-        raise ConfigError(f"model_type {args.model_type!r}: generate.py samples transformers only")
-    initialize_megatron(args)
-    tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file)
-    model = GPTModel(ModelConfig.from_neox(args)).to(device()).eval()
-    load_checkpoint(args, model, None, None, load_rng=False)
+    model, tokenizer, _ = load_model(args)
     return Sampler(args, model, tokenizer)
 
 

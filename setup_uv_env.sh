@@ -2,12 +2,12 @@
 # One idempotent command that makes .venv with everything Strata needs.
 #   CUDA machine -> CUDA build of torch, GPU extras tried (never fatal)
 #   otherwise    -> CPU build of torch, no CUDA package downloaded
-# Usage: ./setup_uv_env.sh [--extras dev,hf,logging]   (default extras: dev,hf,logging)
+# Usage: ./setup_uv_env.sh [--extras dev,hf,logging]   (default extras: dev,hf,logging,eval)
 set -euo pipefail
 cd "$(dirname "$0")"
 
 TORCH_VERSION="${STRATA_TORCH_VERSION:-2.13.0}"
-EXTRAS="dev,hf,logging"
+EXTRAS="dev,hf,logging,eval"
 [[ "${1:-}" == "--extras" ]] && EXTRAS="$2"
 PY="${PYTHON:-python3}"
 

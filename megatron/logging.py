@@ -134,15 +134,18 @@ class MetricsLogger:
 
             self.tensorboard = SummaryWriter(log_dir=args.tensorboard_dir)
 
-    def log(self, metrics: dict) -> None:
+    def log(self, metrics: dict, scalars: dict | None = None) -> None:
+        """One metrics.jsonl line; TensorBoard and W&B get `scalars` (default: the line's
+        numbers) under `{split}/{name}`."""
         if not self.enabled:
             return
         if self.jsonl:
             self.jsonl.write(json.dumps({**metrics, "time": round(time.time(), 3)}) + "\n")
         step, split = metrics["iteration"], metrics["split"]
-        scalars = {
-            k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "iteration"
-        }
+        if scalars is None:
+            scalars = {
+                k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "iteration"
+            }
         if self.tensorboard:
             for key, value in scalars.items():
                 self.tensorboard.add_scalar(f"{split}/{key}", value, step)

@@ -9,7 +9,7 @@ recomputes the whole context each step (NeoX's `recompute`).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +51,23 @@ def sample_next_token(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def truncate_at_stop(text: str, stops: Sequence[str]) -> str:
+    """`text` up to the first occurrence of any stop string."""
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def stop_string_check(
+    detokenize: Callable[[list[int]], str], stops: Sequence[str]
+) -> Callable[[list[int]], bool] | None:
+    """generate_batch's `stop_when` for stop strings (None without any): true once the decoded
+    continuation contains one (a string may span several tokens)."""
+    stops = [s for s in stops if s]
+    if not stops:
+        return None
+    return lambda tokens: any(s in detokenize(tokens) for s in stops)
+
+
 @dataclass
 class Completion:
     """One prompt's continuation. `finished`: it ended with a stop token (not included in
@@ -61,7 +78,7 @@ class Completion:
     logits: list[list[float]] | None = None  # with return_logits: one row per generated token
 
 
-def _left_pad(
+def left_pad(
     prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[b, longest] token ids and a bool mask of the real (non-pad) entries."""
@@ -74,7 +91,7 @@ def _left_pad(
     return tokens, real
 
 
-def _prefill_mask(real: torch.Tensor) -> torch.Tensor:
+def prefill_mask(real: torch.Tensor) -> torch.Tensor:
     """[b, 1, s, s]: causal, never onto padding; a pad query sees itself so no softmax row is
     empty (an all-masked row would give NaN, which 0-weights do not cancel)."""
     s = real.shape[1]
@@ -98,10 +115,12 @@ def generate_batch(
     pad_id: int = 0,
     generator: torch.Generator | None = None,
     return_logits: bool = False,
+    stop_when: Callable[[list[int]], bool] | None = None,
 ) -> list[Completion]:
     """Continue each prompt by up to `maximum_tokens` tokens, all rows in one batch.
 
-    A row stops at its first token in `stop_tokens`, after `maximum_tokens` tokens, or when
+    A row stops at its first token in `stop_tokens`, after `maximum_tokens` tokens, when
+    `stop_when(tokens so far)` is true (a stop string decoded; the tokens are kept), or when
     prompt + continuation would exceed `seq_length`. Prompts must be non-empty and shorter than
     `seq_length`.
     """
@@ -113,14 +132,14 @@ def generate_batch(
             )
     stop_tokens = set(stop_tokens)
     device = next(model.parameters()).device
-    tokens, real = _left_pad(prompts, pad_id, device)
+    tokens, real = left_pad(prompts, pad_id, device)
     batch, context = tokens.shape
     budgets = [min(maximum_tokens, seq_length - len(p)) for p in prompts]
     steps = max(budgets)
     padded = not bool(real.all())
     # Position of each row's newest token: its real-token count - 1.
     positions = (real.long().cumsum(dim=1) - 1).clamp(min=0)
-    mask = _prefill_mask(real) if padded else None
+    mask = prefill_mask(real) if padded else None
     cache = KVCache(len(model.layers), context + steps) if use_cache else None
 
     def forward(ids: torch.Tensor, pos: torch.Tensor, attn: torch.Tensor | None) -> torch.Tensor:
@@ -143,6 +162,9 @@ def generate_batch(
             result.tokens.append(token)
             if result.logits is not None:
                 result.logits.append(logits[row, :vocab_size].float().tolist())
+            if stop_when is not None and stop_when(result.tokens):
+                result.finished, active[row] = True, False
+                continue
             active[row] = len(result.tokens) < budgets[row]
         if not any(active):
             break
@@ -156,6 +178,6 @@ def generate_batch(
         else:
             ids = tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
             positions = torch.cat([positions, new_positions], dim=1)
-            mask = _prefill_mask(real) if padded else None
+            mask = prefill_mask(real) if padded else None
         logits = forward(ids, positions, mask)
     return results

@@ -111,6 +111,12 @@ class Trainer:
             self.state.wandb_run_id = self.metrics.wandb.id
         self.stop_request = StopRequest()
         self.peak_flops = device_peak_flops()
+        # Harness tasks on the live model: loaded (and checked) before the first step.
+        self.eval_tasks = None
+        if args.eval_tasks_interval:
+            from megatron.evaluation.tasks import load_tasks
+
+            self.eval_tasks = load_tasks(list(args.eval_tasks), args.eval_include_path)
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -195,6 +201,18 @@ class Trainer:
         metrics = as_floats(losses)
         self._log({"iteration": self.state.iteration, "split": split, **metrics})
         return metrics["lm_loss"]
+
+    def evaluate_tasks(self) -> None:
+        """The harness's tasks on the live model, logged with the iteration."""
+        from megatron.evaluation.harness import evaluate_tasks, log_results
+
+        results = evaluate_tasks(self.engine.module, self.tokenizer, self.eval_tasks, self.args)
+        if results is not None:
+            for record in log_results(self.metrics, results, self.state.iteration):
+                print_rank_0(
+                    f"iter {record['iteration']:>6} | eval {record['task']} | "
+                    f"{record['metric']} {record['value']:.4f}"
+                )
 
     # -- loop ----------------------------------------------------------------------------------
 
@@ -293,6 +311,8 @@ class Trainer:
                 )
             if args.eval_interval and iteration % args.eval_interval == 0:
                 self.evaluate("valid", self.valid_ds, "consumed_valid_samples")
+            if self.eval_tasks is not None and iteration % args.eval_tasks_interval == 0:
+                self.evaluate_tasks()
             if args.save and iteration in self.save_iters:
                 self._save()
                 saved_at = iteration
@@ -306,6 +326,8 @@ class Trainer:
                 self.evaluate("valid", self.valid_ds, "consumed_valid_samples")
             if args.eval_iters:
                 self.evaluate("test", self.test_ds, None)
+            if self.eval_tasks is not None and self.state.iteration % args.eval_tasks_interval:
+                self.evaluate_tasks()
         if args.save and saved_at != self.state.iteration:
             self._save()
         if self.saver is not None:

@@ -212,6 +212,7 @@ def test_sampler_batches_prompts_and_cuts_long_ones():
     args = SimpleNamespace(
         **settings, train_micro_batch_size_per_gpu=2, recompute=False, return_logits=True, seed=1
     )
+    args.stop_tokens, args.apply_chat_template = None, False
     records = generate_entry().Sampler(args, model, tokenizer).complete(["x" * 40, "hi", ""])
     assert [r["context"] for r in records] == ["x" * 40, "hi", ""]
     assert (
@@ -233,6 +234,7 @@ def test_sampler_draws_are_seeded():
     model = tiny_model(padded_vocab_size=384)
     keys = dict(seq_length=32, maximum_tokens=8, temperature=1.0, top_k=0, top_p=0.0)
     keys.update(train_micro_batch_size_per_gpu=4, recompute=False, return_logits=False)
+    keys.update(stop_tokens=None, apply_chat_template=False)
 
     def texts(seed: int) -> list[str]:
         args = SimpleNamespace(**keys, seed=seed)
@@ -241,6 +243,58 @@ def test_sampler_draws_are_seeded():
 
     assert texts(5) == texts(5)
     assert texts(5) != texts(6)
+
+
+def test_stop_tokens_are_ids_or_strings():
+    from megatron.neox_arguments import ConfigError
+    from megatron.tokenizer import build_tokenizer
+
+    split_stops = generate_entry().split_stops
+    tokenizer = build_tokenizer("bytes")
+    # an id, a one-token string (an id too) and a longer string (matched in the text)
+    assert split_stops([65, "B", "xyz"], tokenizer) == ({256, 65, 66}, ["xyz"])
+    for bad, message in ((300, "token id 300 is outside"), ("", "non-empty strings")):
+        with pytest.raises(ConfigError, match=message):
+            split_stops([bad], tokenizer)
+
+
+@pytest.fixture(scope="module")
+def smollm2_ckpt(smollm2_hf, tmp_path_factory) -> Path:
+    from tools.ckpts.convert_hf_to_neox import convert_hf_to_neox
+
+    return convert_hf_to_neox(smollm2_hf, tmp_path_factory.mktemp("smollm2") / "ckpt")
+
+
+def smollm2_generate(ckpt: Path, folder: Path, prompt: str, *overrides: str) -> dict:
+    """generate.py on the converted model's own config, with no training keys added."""
+    (folder / "prompt.txt").write_text(prompt + "\n")
+    out = folder / "out.jsonl"
+    run_tool(
+        "generate.py",
+        str(ckpt / "config.yml"),
+        f"load={ckpt}",
+        "text_gen_type=input-file",
+        f"sample_input_file={folder / 'prompt.txt'}",
+        f"sample_output_file={out}",
+        "maximum_tokens=24",
+        *overrides,
+    )
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    return record
+
+
+def test_smollm2_stops_at_a_stop_string_and_at_end_of_turn(smollm2_ckpt, tmp_path):
+    # Greedy: " Paris.\n\nThe answer is: ..." without a stop string.
+    record = smollm2_generate(
+        smollm2_ckpt, tmp_path, "The capital of France is", "stop_tokens=[' answer is']"
+    )
+    assert record["finished"] and record["text"] == " Paris.\n\nThe"
+    # As a chat turn the instruct model answers and ends its turn with <|im_end|>.
+    record = smollm2_generate(
+        smollm2_ckpt, tmp_path, "What is the capital of France?", "apply_chat_template=true"
+    )
+    assert record["finished"] and "Paris" in record["text"]
+    assert "<|im_end|>" not in record["text"]
 
 
 # --- generate.py through deepy.py ---

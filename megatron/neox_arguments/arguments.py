@@ -107,7 +107,7 @@ class NeoXArgs(*GROUPS):  # type: ignore[misc]
             raise ConfigError(
                 "no configuration: pass --megatron_config (deepy.py does) or config files"
             )
-        return cls.from_ymls(files, overrides)
+        return cls.from_ymls(files, overrides, user_script=sys.argv[0])
 
     @classmethod
     def _build(

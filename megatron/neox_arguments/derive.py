@@ -105,9 +105,16 @@ def _world(args: Any) -> None:
     args.is_pipe_parallel = args.pipe_parallel_size >= 2
 
 
+# Entry points that only run forward passes: without batch keys they take one sample per rank.
+INFERENCE_SCRIPTS = ("generate.py", "eval.py")
+
+
 def _batch(args: Any) -> None:
     if args.data_parallel_size is None:
         return  # the world size was inconsistent; that error is already reported
+    unset = (args.train_batch_size, args.train_micro_batch_size_per_gpu)
+    if unset == (None, None) and os.path.basename(args.user_script or "") in INFERENCE_SCRIPTS:
+        args.train_micro_batch_size_per_gpu = 1
     micro = args.train_micro_batch_size_per_gpu
     if micro == "auto":
         where = args.where("train_micro_batch_size_per_gpu")

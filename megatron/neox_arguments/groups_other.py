@@ -155,8 +155,32 @@ class NeoXArgsTextgen:
     sample_output_file: str = arg("samples.txt", "File to write generations to.")
     num_samples: int = arg(1, "Unconditional samples to generate.")
     recompute: bool = arg(False, "Recompute attention instead of using the KV cache.")
-    eval_results_prefix: str = arg("", "Prefix of the evaluation results file.")
-    eval_tasks: list | None = arg(None, "lm-evaluation-harness tasks.")
+    stop_tokens: list | None = arg(
+        None, "generate.py also stops at these: token ids, or strings (cut from the text)."
+    )
+    apply_chat_template: bool = arg(
+        False, "generate.py sends each prompt as a user turn through the tokenizer's chat template."
+    )
+    eval_results_prefix: str = arg(
+        "", "eval.py writes {eval_results_prefix}_eval_results_{timestamp}.json."
+    )
+    eval_tasks: list | None = arg(
+        None, "lm-evaluation-harness task names eval.py scores (configs/eval_tasks/ is included)."
+    )
+    eval_include_path: list | None = arg(
+        None, "Further folders of lm-evaluation-harness task YAMLs (lm_eval --include_path)."
+    )
+    eval_num_fewshot: int | None = arg(
+        None, "Few-shot examples per prompt; the tasks' own when unset."
+    )
+    eval_limit: int | None = arg(None, "Score only the first N documents of each task.")
+    eval_batch_size: int = arg(16, "Requests per forward pass in eval.py.")
+    eval_tasks_interval: int | None = arg(
+        None, "train.py runs eval_tasks every this many iterations and at the end (off: unset)."
+    )
+    eval_apply_chat_template: bool = arg(
+        False, "Wrap eval prompts in the tokenizer's chat template (instruction-tuned models)."
+    )
     moe_top_k: int = arg(1, "Experts per token (with MoE).", gate="moe_num_experts")
     use_tutel: bool = arg(False, "Tutel MoE kernels (with MoE).", gate="moe_num_experts")
     moe_num_experts: int = arg(1, "Number of MoE experts (1 = dense).", DEFAULT_ONLY)

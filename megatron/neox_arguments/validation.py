@@ -129,6 +129,22 @@ def _in_range(
         problems.add(f"{key} must be in [{low}, {high}{bracket}, got {value}{args.where(key)}")
 
 
+def _check_eval_tasks_interval(args: Any, problems: Problems) -> None:
+    """Evaluation during training runs the live model's forward outside the engine: every
+    parameter must be whole on its tensor-parallel rank."""
+    if not args.eval_tasks_interval:
+        return
+    where = args.where("eval_tasks_interval")
+    if not args.eval_tasks:
+        problems.add(f"eval_tasks_interval{where} needs eval_tasks (the harness tasks to run)")
+    if args.pipe_parallel_size > 1 or args.zero_stage == 3:
+        problems.add(
+            f"eval_tasks_interval{where}: evaluation during training runs with tensor and data "
+            f"parallelism and ZeRO stages 0-2, not pipe_parallel_size={args.pipe_parallel_size} "
+            f"/ ZeRO stage {args.zero_stage}; score the saved checkpoints with eval.py instead"
+        )
+
+
 def check_values(args: Any, problems: Problems) -> None:
     """Consistency between keys; each message shows the arithmetic."""
     for key in (
@@ -165,9 +181,12 @@ def check_values(args: Any, problems: Problems) -> None:
             "num_samples",
             "rotary_emb_base",
             "sliding_window_width",
+            "eval_limit",
+            "eval_batch_size",
+            "eval_tasks_interval",
         ),
     )
-    _positive(args, problems, ("eval_iters", "num_workers", "top_k"), minimum=0)
+    _positive(args, problems, ("eval_iters", "num_workers", "top_k", "eval_num_fewshot"), minimum=0)
     h, heads, kv = args.hidden_size, args.num_attention_heads, args.num_kv_heads
     if h and heads and h > 0 and heads > 0 and h % heads:
         problems.add(
@@ -214,6 +233,7 @@ def check_values(args: Any, problems: Problems) -> None:
         )
     if not args.prompt_end:
         problems.add(f"prompt_end must be a non-empty separator{args.where('prompt_end')}")
+    _check_eval_tasks_interval(args, problems)
     _check_split(args, problems)
     _check_data_keys(args, problems)
     _check_blending(args, problems)
