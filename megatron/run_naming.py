@@ -2,7 +2,8 @@
 
 A field is any config key (`{train_iters}`, `{hidden_size}`, ...) or one of
     experiment  the first config file's name without its suffix (e.g. 125M for configs/125M.yml)
-    cluster     $SLURM_CLUSTER_NAME, else "local"
+    cluster     the cluster profile ($STRATA_CLUSTER, set by the job scripts), else
+                $SLURM_CLUSTER_NAME, else "local"
     job_id      $SLURM_JOB_ID (with _{task} for an array task), else "local"
     user        $USER
     date        the UTC start time, YYYYMMDD-HHMMSS
@@ -37,7 +38,7 @@ def run_fields(args: Any, environ: Mapping[str, str] = os.environ) -> dict[str, 
     return {
         **values,
         "experiment": Path(config_files[0]).stem if config_files else "run",
-        "cluster": environ.get("SLURM_CLUSTER_NAME", "local"),
+        "cluster": environ.get("STRATA_CLUSTER") or environ.get("SLURM_CLUSTER_NAME", "local"),
         "job_id": job,
         "user": environ.get("USER", "user"),
         "date": time.strftime("%Y%m%d-%H%M%S", time.gmtime()),

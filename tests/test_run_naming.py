@@ -27,6 +27,8 @@ def test_the_template_takes_config_keys_slurm_variables_and_the_config_file_name
     array = {**SLURM, "SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": "3"}
     assert run_name(args, array) == "125M_frontier_77_3_ada_h64"
     assert run_name(args, {}) == "125M_local_local_user_h64"
+    profiled = {**SLURM, "STRATA_CLUSTER": "gh200-slingshot"}  # set by tools/slurm's scripts
+    assert run_name(args, profiled) == "125M_gh200-slingshot_4242_ada_h64"
     assert run_name(NeoXArgs.from_dict(small_config()), SLURM) is None
 
 
