@@ -2,7 +2,7 @@
 Hugging Face backend (`lm_eval --model hf`), on the same tasks and weights in the same run.
 
     .venv/bin/python benchmarks/eval.py [--hf-dir DIR] [--tasks arc_easy_local] [--limit 200]
-        [--batch-size 16] [--threads N]
+        [--batch-size 16] [--threads N] [--rounds 3]
 
 The weights are SmolLM2-135M-Instruct in fp32: --hf-dir (a Hugging Face folder, e.g. the test
 suite's cached one under .cache/test-assets/) or, by default, the GGUF file in
@@ -10,8 +10,9 @@ $STRATA_ASSETS/models made into one with tools/ckpts/gguf_to_hf.py; Strata score
 tools/ckpts/convert_hf_to_neox.py makes of it. Both sides run the harness's simple_evaluate on
 the local task YAMLs of configs/eval_tasks/ with the same limit and batch size, one after the
 other, each timed over the whole evaluation (its requests built, scored and aggregated; model
-loading excluded). Prints one JSON object: requests/s of each side, their ratio and both sides'
-metrics (which should agree). Timings are reported, never checked.
+loading excluded), for --rounds rounds with the order alternating. Prints one JSON object: each
+side's requests/s at its median round, their ratio and both sides' metrics (which should
+agree). Timings are reported, never checked.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -49,9 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=200, help="documents per task")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (both sides)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds, sides alternating")
     args = parser.parse_args(argv)
-    if args.limit < 1 or args.batch_size < 1:
-        parser.error("--limit and --batch-size must be at least 1")
+    if min(args.limit, args.batch_size, args.rounds) < 1:
+        parser.error("--limit, --batch-size and --rounds must be at least 1")
     return args
 
 
@@ -108,17 +111,28 @@ def main(argv: list[str] | None = None) -> int:
             "batch_size": args.batch_size,
             "threads": torch.get_num_threads(),
         }
-        for name, lm in sides.items():
-            counter = RequestCounter(lm)
-            seconds, results = timed_evaluation(lm, args.tasks, args.limit)
-            report[name] = {
-                "seconds": seconds,
-                "requests": counter.count,
-                "requests_per_sec": counter.count / seconds,
-                "scores": {
+        counters = {name: RequestCounter(lm) for name, lm in sides.items()}
+        seconds: dict[str, list[float]] = {name: [] for name in sides}
+        scores: dict[str, Any] = {}
+        for round_index in range(args.rounds):
+            # Alternate which side goes first so drift in the machine's speed hits both.
+            order = list(sides) if round_index % 2 == 0 else list(reversed(sides))
+            for name in order:
+                elapsed, results = timed_evaluation(sides[name], args.tasks, args.limit)
+                seconds[name].append(elapsed)
+                scores[name] = {
                     task: {k: v for k, v in m.items() if "," in k and isinstance(v, float)}
                     for task, m in results["results"].items()
-                },
+                }
+        for name in sides:
+            requests = counters[name].count // args.rounds
+            median = statistics.median(seconds[name])
+            report[name] = {
+                "seconds_per_round": seconds[name],
+                "median_seconds": median,
+                "requests": requests,
+                "requests_per_sec": requests / median,
+                "scores": scores[name],
             }
         report["speedup"] = report["strata"]["requests_per_sec"] / report["hf"]["requests_per_sec"]
     print(json.dumps(report, indent=2))

@@ -140,7 +140,7 @@ def generate_batch(
     # Position of each row's newest token: its real-token count - 1.
     positions = (real.long().cumsum(dim=1) - 1).clamp(min=0)
     mask = prefill_mask(real) if padded else None
-    cache = KVCache(len(model.layers), context + steps) if use_cache else None
+    cache = KVCache(context + steps) if use_cache else None
 
     def forward(ids: torch.Tensor, pos: torch.Tensor, attn: torch.Tensor | None) -> torch.Tensor:
         """The newest position's logits [b, padded_vocab]."""

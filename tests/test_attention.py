@@ -356,7 +356,7 @@ def test_cached_decoding_matches_full_forward(overrides) -> None:
     s = tokens.size(1)
     with torch.no_grad():
         full = model(tokens, positions, mask)
-        cache = KVCache(args.num_layers, max_length=8)  # grows past 8 on the way
+        cache = KVCache(max_length=8)  # grows past 8 on the way
         steps = [model(tokens[:, :6], positions[:, :6], mask[:, :, :6, :6], kv_cache=cache)]
         # A chunk of several tokens after the prefill, then one token at a time.
         steps.append(model(tokens[:, 6:9], positions[:, 6:9], mask[:, :, 6:9, :9], cache))
@@ -373,7 +373,7 @@ def test_cached_decoding_matches_full_forward(overrides) -> None:
         torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
         # Unpadded, with default positions (cache.length + 0..n-1) and no mask.
-        cache = KVCache(args.num_layers)
+        cache = KVCache()
         steps = [model(tokens[:, :5], kv_cache=cache)]
         steps += [model(tokens[:, t : t + 1], kv_cache=cache) for t in range(5, s)]
         torch.testing.assert_close(torch.cat(steps, dim=1), model(tokens), atol=1e-5, rtol=1e-5)
@@ -393,7 +393,7 @@ def test_left_padding_does_not_change_the_real_tokens() -> None:
 def test_cache_mask_shape_is_checked() -> None:
     model = GPTModel(ModelConfig.from_neox(make_args())).eval()
     tokens = fixed_tokens(make_args())
-    cache = KVCache(2)
+    cache = KVCache()
     with torch.no_grad():
         model(tokens[:, :4], kv_cache=cache)
         with pytest.raises(ValueError, match=r"expected \(1, 5\)"):

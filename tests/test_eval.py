@@ -4,7 +4,9 @@ parallelism, and bad input."""
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ from megatron.model import GPTModel, ModelConfig
 pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from megatron.evaluation.adapter import StrataLM  # noqa: E402
+from megatron.evaluation.adapter import StrataLM, share_contexts  # noqa: E402
 from megatron.text_generation import truncate_at_stop  # noqa: E402
 from megatron.tokenizer.base import Tokenizer  # noqa: E402
 
@@ -68,19 +70,28 @@ def request(kind: str, *arguments) -> Instance:
 
 
 def test_loglikelihood_equals_a_direct_forward_pass_in_request_order():
+    """Choices of one question share a row (the context once); a row is cut where the next
+    choice would pass seq_length, and requests too long for any row lose their context's start."""
     lm = tiny_lm(batch_size=3)
+    question = "Q: what?"
     pairs = [
         ("The cat", " sat"),
         ("A much longer context than the others here", " and its end"),
+        (question, " nothing at all"),
         ("x", "y"),
-        ("Question: what? Answer:", " nothing at all"),
+        (question, " a"),
         ("short", " one"),
+        (question, " something else, longer"),
+        (question, " b"),
     ]
     results = lm.loglikelihood([request("loglikelihood", c, x) for c, x in pairs])
     for (context, continuation), (logprob, greedy) in zip(pairs, results):
         expected = direct_logprob(lm.model, ids(context), ids(continuation))
         assert logprob == pytest.approx(expected, abs=1e-4)
         assert isinstance(greedy, bool)
+    rows = share_contexts([(ids(c), ids(x)) for c, x in pairs], SEQ)
+    shared = [row.owners for row in rows if len(row.owners) > 1]
+    assert shared == [[2, 4], [6, 7]]  # the third choice would pass 32 tokens
     # The greedy flag: a continuation made of the model's own argmax tokens is greedy.
     context = ids("The cat")
     with torch.no_grad():
@@ -125,6 +136,16 @@ def test_generate_until_stops_at_a_stop_string():
 def test_truncate_at_the_first_stop_string():
     assert truncate_at_stop("abc\n\nQ: d", ["Q:", "\n\n"]) == "abc"
     assert truncate_at_stop("abc", ["", "z"]) == "abc"
+
+
+def test_bf16_scores_follow_fp32():
+    """A bf16 model scores through the same path (the log-softmax in fp32): its sums stay
+    within bf16's rounding of the fp32 model's."""
+    fp32 = tiny_lm()
+    bf16 = StrataLM(copy.deepcopy(fp32.model).to(torch.bfloat16), PrintableTokenizer(), SEQ, 3)
+    pairs = [(ids("The cat"), ids(" sat")), (ids("x" * 40), ids(" y")), (ids("Q"), ids(" abc"))]
+    for (want, _), (got, _) in zip(fp32._score_pairs(pairs), bf16._score_pairs(pairs)):
+        assert got == pytest.approx(want, rel=0.03, abs=0.05)
 
 
 # ---------------------------------------------------------------- eval.py on checkpoints
@@ -204,7 +225,8 @@ def tiny_ckpt(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def test_data_and_tensor_parallel_equal_one_process(tiny_ckpt, tmp_path):
-    """One launch per layout: DP=2 splits the documents, TP=2 splits the model."""
+    """One launch per layout: DP=2 splits the documents, TP=2 splits the model's tensors,
+    PP=2 its layers (forward-only stages)."""
     config, ckpt = tiny_ckpt
     common = [str(config), f"load={ckpt}", "eval_tasks=[arc_easy_local]", "eval_limit=30"]
     scores = {}
@@ -212,13 +234,14 @@ def test_data_and_tensor_parallel_equal_one_process(tiny_ckpt, tmp_path):
         ("single", []),
         ("dp2", ["num_gpus=2"]),
         ("tp2", ["num_gpus=2", "model_parallel_size=2"]),
+        ("pp2", ["num_gpus=2", "pipe_parallel_size=2"]),
     ):
         prefix = tmp_path / name
         eval_run(*common, *layout, f"eval_results_prefix={prefix}", launcher=True)
         results = read_results(prefix)
         assert results["strata"]["iteration"] == 5
         scores[name] = results["results"]["arc_easy_local"]
-    for layout in ("dp2", "tp2"):
+    for layout in ("dp2", "tp2", "pp2"):
         assert scores[layout].keys() == scores["single"].keys()
         for metric, value in scores["single"].items():
             # Gathered from two ranks, the standard errors are summed in another order.
@@ -273,12 +296,15 @@ def test_generation_tasks_need_a_tokenizer_that_decodes():
         check_decoding(EncodeOnly(), ["gsm8k"])
 
 
-def test_eval_tasks_during_training_leave_training_unchanged(tmp_path, text_dataset):
-    """Every eval_tasks_interval iterations and at the end, logged with the iteration; the
-    losses equal a run without them (dropout on: the harness leaves the RNGs alone)."""
+@pytest.fixture(scope="module")
+def training_runs(tmp_path_factory, text_dataset) -> dict[str, dict]:
+    """Two 5-iteration trainings, without and with harness tasks every 3 iterations; each
+    scores 3 iterations of its test split at the end, and the plain one saves its weights.
+    {name: {"config", "save", "records"}}."""
+    root = tmp_path_factory.mktemp("trained")
     runs = {}
     for name, extra in (
-        ("plain", {}),
+        ("plain", {"save": str(root / "plain-ckpt")}),
         ("tasks", {"eval_tasks": ["arc_easy_local"], "eval_limit": 4, "eval_tasks_interval": 3}),
     ):
         values = small_config(
@@ -286,20 +312,110 @@ def test_eval_tasks_during_training_leave_training_unchanged(tmp_path, text_data
             train_iters=5,
             log_interval=1,
             eval_interval=100,
+            eval_iters=3,
+            split="80,10,10",
             hidden_dropout=0.1,
-            log_dir=str(tmp_path / name),
+            log_dir=str(root / name),
             **extra,
         )
-        run_tool("deepy.py", "train.py", write_config(tmp_path / f"{name}.yml", values))
-        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
-        runs[name] = [json.loads(line) for line in lines]
+        config = write_config(root / f"{name}.yml", values)
+        run_tool("deepy.py", "train.py", config)
+        lines = (root / name / "metrics.jsonl").read_text().splitlines()
+        runs[name] = {
+            "config": config,
+            "save": extra.get("save"),
+            "records": [json.loads(line) for line in lines],
+        }
+    return runs
+
+
+def test_eval_tasks_during_training_leave_training_unchanged(training_runs):
+    """Every eval_tasks_interval iterations and at the end, logged with the iteration; the
+    losses equal a run without them (dropout on: the harness leaves the RNGs alone)."""
     train_losses = {
-        name: [(r["iteration"], r["lm_loss"]) for r in records if r["split"] == "train"]
-        for name, records in runs.items()
+        name: [(r["iteration"], r["lm_loss"]) for r in run["records"] if r["split"] == "train"]
+        for name, run in training_runs.items()
     }
     assert train_losses["tasks"] == train_losses["plain"]
-    evals = [(r["iteration"], r["metric"]) for r in runs["tasks"] if r["split"] == "eval"]
+    records = training_runs["tasks"]["records"]
+    evals = [(r["iteration"], r["metric"]) for r in records if r["split"] == "eval"]
     assert evals == [(3, "acc"), (3, "acc_norm"), (5, "acc"), (5, "acc_norm")]
+
+
+def test_perplexity_without_tasks_equals_the_training_test_loss(training_runs, tmp_path):
+    """eval.py with no eval_tasks, at DP=2, scores the same 3 iterations of 4 samples of the
+    test split that training scored at its end; then the whole split with eval_iters=-1."""
+    run = training_runs["plain"]
+    (trained,) = [r["lm_loss"] for r in run["records"] if r["split"] == "test"]
+    prefix, logs = tmp_path / "ppl", tmp_path / "logs"
+    common = [run["config"], f"load={run['save']}"]
+    eval_run(
+        *common,
+        "num_gpus=2",
+        "train_micro_batch_size_per_gpu=2",
+        f"eval_results_prefix={prefix}",
+        f"log_dir={logs}",
+        launcher=True,
+    )
+    results = read_results(prefix)
+    assert results["strata"]["iteration"] == 5
+    test = results["results"]["test"]
+    assert test["lm_loss"] == pytest.approx(trained, rel=1e-5)
+    assert test["lm_loss_ppl"] == pytest.approx(math.exp(trained), rel=1e-5)
+    assert (test["samples"], test["tokens"]) == (12, 12 * 32)
+    assert results["results"].keys() == {"valid", "test"}
+    records = [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["split"], r["iteration"]) for r in records] == [("valid", 5), ("test", 5)]
+    assert records[1]["lm_loss_ppl"] == test["lm_loss_ppl"]
+
+    eval_run(*common, "eval_iters=-1", f"eval_results_prefix={tmp_path / 'whole'}")
+    whole = read_results(tmp_path / "whole")["results"]
+    split_tokens = split_token_counts(run["config"])
+    for split, figures in whole.items():
+        # One epoch of packed samples: every token of the split's documents but the last
+        # few that do not fill a sample is predicted once.
+        assert figures["samples"] == (split_tokens[split] - 1) // 32, split
+        assert figures["tokens"] == figures["samples"] * 32
+        assert math.isfinite(figures["lm_loss"]) and figures["lm_loss"] > 0
+
+
+def split_token_counts(config: str) -> dict[str, int]:
+    """Tokens in the documents `split` gives the valid and test data."""
+    import yaml
+
+    from megatron.data.data_utils import get_train_valid_test_split
+    from megatron.data.indexed_dataset import MMapIndexedDataset
+
+    values = yaml.safe_load(Path(config).read_text())
+    data = MMapIndexedDataset(values["data_path"])
+    bounds = get_train_valid_test_split(values["split"], len(data))
+    return {
+        split: int(data.sizes[bounds[i] : bounds[i + 1]].sum())
+        for i, split in ((1, "valid"), (2, "test"))
+    }
+
+
+def test_perplexity_needs_valid_or_test_data(tiny_ckpt, tmp_path):
+    config, ckpt = tiny_ckpt
+    result = eval_run(
+        str(config), f"load={ckpt}", f"eval_results_prefix={tmp_path / 'out'}", check=False
+    )
+    assert result.returncode != 0
+    assert "scores the valid and test data, but the config gives none" in result.stderr
+    assert not list(tmp_path.glob("out*"))
+
+
+def test_whole_split_evaluation_is_for_eval_py(tmp_path):
+    from megatron.config import NeoXArgs
+    from megatron.neox_arguments import ConfigError
+
+    config = write_config(tmp_path / "c.yml", small_config(None, eval_iters=-1))
+    with pytest.raises(ConfigError, match=r"eval_iters=-1 .*is for eval.py"):
+        NeoXArgs.from_ymls([config], [], user_script="train.py")
+    assert NeoXArgs.from_ymls([config], [], user_script="eval.py").eval_iters == -1
+    bad = write_config(tmp_path / "bad.yml", small_config(None, eval_iters=-2))
+    with pytest.raises(ConfigError, match="eval_iters must be >= 0, or -1"):
+        NeoXArgs.from_ymls([bad], [], user_script="eval.py")
 
 
 def test_chat_template_of_a_hugging_face_tokenizer(smollm2_hf):

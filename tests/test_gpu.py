@@ -252,7 +252,7 @@ def test_cached_generation_equals_full_forward_on_cuda(overrides):
     # bf16: each cached step's logits equal the full forward's over the same tokens.
     model = _tiny_generator_model(torch.bfloat16, **overrides)
     tokens = torch.tensor([cached[0].tokens[:12]], device="cuda")
-    cache = KVCache(len(model.layers), 12)
+    cache = KVCache(12)
     with torch.no_grad():
         full = model(tokens).float()
         steps = [model(tokens[:, :4], kv_cache=cache)]

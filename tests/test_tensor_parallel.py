@@ -158,10 +158,10 @@ def test_sequence_parallel_generation_is_a_clear_error() -> None:
     args = make_args(**SP_MODEL)
     # One process: sequence parallelism is off, generation works.
     model = parallelize(GPTModel(ModelConfig.from_neox(args)), args.sequence_parallel)
-    model(fixed_tokens(args), kv_cache=KVCache(args.num_layers))
+    model(fixed_tokens(args), kv_cache=KVCache())
     shard_sequence(model)
     with pytest.raises(ValueError, match="generate with sequence_parallel false"):
-        model(fixed_tokens(args), kv_cache=KVCache(args.num_layers))
+        model(fixed_tokens(args), kv_cache=KVCache())
 
 
 # ---------------------------------------------------------------------------- bad layouts

@@ -1,8 +1,11 @@
 """lm-evaluation-harness's model interface, backed by a Strata model and tokenizer.
 
-Requests are scored in batches sorted by length (longest first) and left-padded, so a batch
-wastes little padding and only the continuation positions go through the LM head; results come
-back in request order. Under data parallelism the harness gives each data-parallel rank its
+Requests that share a context (a multiple-choice question and its answers) are scored in one
+row: the context once, then each continuation, which attends to the context and to itself only
+(its positions continue the context's), so the context's tokens go through the model once
+instead of once per choice. Rows are batched sorted by length (longest first) and left-padded,
+so a batch wastes little padding, and only the predicting positions go through the LM head;
+results come back in request order. Under data parallelism the harness gives each data-parallel rank its
 share of the documents and gathers the per-document metrics through the methods below; the
 tensor-parallel ranks of one replica score the same requests together.
 """
@@ -10,6 +13,7 @@ tensor-parallel ranks of one replica score the same requests together.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,6 +40,75 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[l
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     for start in range(0, len(order), batch_size):
         yield order[start : start + batch_size]
+
+
+@dataclass
+class SharedContext:
+    """One row of a scoring batch: a context and the continuations scored after it. The row
+    holds the context, then each continuation but its last token; the context's last position
+    predicts every continuation's first token."""
+
+    context: list[int]
+    continuations: list[list[int]] = field(default_factory=list)
+    owners: list[int] = field(default_factory=list)  # each continuation's request index
+
+    def __len__(self) -> int:
+        return len(self.context) + sum(len(c) - 1 for c in self.continuations)
+
+    def tokens(self) -> list[int]:
+        return self.context + [t for c in self.continuations for t in c[:-1]]
+
+    def predicting(self) -> int:
+        """Positions whose logits are read: the context's last and the continuations'."""
+        return len(self) - len(self.context) + 1
+
+    def predictor_rows(self) -> Iterator[list[int]]:
+        """Per continuation, its predicting positions among the last `predicting()`."""
+        start = 1
+        for continuation in self.continuations:
+            yield [0, *range(start, start + len(continuation) - 1)]
+            start += len(continuation) - 1
+
+
+def share_contexts(pairs: Sequence[TokenPair], seq_length: int) -> list[SharedContext]:
+    """Rows of at most seq_length tokens; requests with the same context share a row."""
+    rows: list[SharedContext] = []
+    open_rows: dict[tuple[int, ...], SharedContext] = {}
+    for index, (context, continuation) in enumerate(pairs):
+        row = open_rows.get(tuple(context))
+        if row is None or len(row) + len(continuation) - 1 > seq_length:
+            row = open_rows[tuple(context)] = SharedContext(context)
+            rows.append(row)
+        row.continuations.append(continuation)
+        row.owners.append(index)
+    return rows
+
+
+def row_layout(
+    rows: Sequence[SharedContext], width: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[b, width] positions and segments of left-padded rows: the context is segment 0 at
+    positions 0.., continuation k is segment k at positions that follow the context; padding
+    is segment -1 at position 0."""
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    segments = torch.full((len(rows), width), -1, dtype=torch.long)
+    for index, row in enumerate(rows):
+        column = width - len(row)
+        positions[index, column : column + len(row.context)] = torch.arange(len(row.context))
+        segments[index, column : column + len(row.context)] = 0
+        column += len(row.context)
+        for k, continuation in enumerate(row.continuations, start=1):
+            n = len(continuation) - 1
+            positions[index, column : column + n] = torch.arange(n) + len(row.context)
+            segments[index, column : column + n] = k
+            column += n
+    return positions.to(device), segments.to(device)
+
+
+def segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """[b, 1, s, s]: a query sees the context and its own segment (causality is the model's)."""
+    keys, queries = segments[:, None, :], segments[:, :, None]
+    return ((keys == 0) | (keys == queries))[:, None]
 
 
 class StrataLM(TemplateLM):
@@ -82,25 +155,29 @@ class StrataLM(TemplateLM):
     # -- scoring ---------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _score_batch(self, pairs: Sequence[TokenPair]) -> list[tuple[float, bool]]:
-        """(sum of the continuation's log-probabilities, whether greedy decoding gives it) for
-        pairs whose context + continuation fit in seq_length + 1 tokens."""
-        inputs = [(context + continuation)[:-1] for context, continuation in pairs]
-        tokens, real = left_pad(inputs, self.eot_token_id, self._device)
-        padded = not bool(real.all())
-        positions = (real.long().cumsum(dim=1) - 1).clamp(min=0) if padded else None
-        mask = prefill_mask(real) if padded else None
-        keep = max(len(continuation) for _, continuation in pairs)
+    def _score_batch(self, rows: Sequence[SharedContext]) -> list[list[tuple[float, bool]]]:
+        """Per row, per continuation: (sum of its log-probabilities, whether greedy decoding
+        gives it)."""
+        tokens, real = left_pad([row.tokens() for row in rows], self.eot_token_id, self._device)
+        shared = any(len(row.continuations) > 1 for row in rows)
+        positions = mask = None
+        if shared or not bool(real.all()):
+            positions, segments = row_layout(rows, tokens.shape[1], self._device)
+            mask = prefill_mask(real) & segment_mask(segments)
+        keep = max(row.predicting() for row in rows)
         logits = self.model(tokens, positions, mask, logits_to_keep=keep).float()
         results = []
-        for row, (_, continuation) in enumerate(pairs):
-            n = len(continuation)
-            row_logits = logits[row, keep - n :]  # the positions that predict the continuation
-            target = torch.tensor(continuation, device=row_logits.device)
-            logprobs = row_logits.log_softmax(dim=-1)
-            total = float(logprobs.gather(-1, target[:, None]).sum())
-            greedy = bool((row_logits.argmax(dim=-1) == target).all())
-            results.append((total, greedy))
+        for index, row in enumerate(rows):
+            predicting = logits[index, keep - row.predicting() :]
+            scores = []
+            for rows_of, continuation in zip(row.predictor_rows(), row.continuations):
+                row_logits = predicting[rows_of]
+                target = torch.tensor(continuation, device=row_logits.device)
+                logprobs = row_logits.log_softmax(dim=-1)
+                total = float(logprobs.gather(-1, target[:, None]).sum())
+                greedy = bool((row_logits.argmax(dim=-1) == target).all())
+                scores.append((total, greedy))
+            results.append(scores)
         return results
 
     def _fit(self, context: list[int], continuation: list[int]) -> TokenPair:
@@ -111,12 +188,14 @@ class StrataLM(TemplateLM):
         return whole[: len(whole) - n], whole[len(whole) - n :]
 
     def _score_pairs(self, pairs: Sequence[TokenPair]) -> list[tuple[float, bool]]:
-        fitted = [self._fit(context, continuation) for context, continuation in pairs]
-        results: list[tuple[float, bool] | None] = [None] * len(fitted)
-        lengths = [len(c) + len(x) for c, x in fitted]
-        for batch in length_sorted_batches(lengths, self.batch_size):
-            for index, result in zip(batch, self._score_batch([fitted[i] for i in batch])):
-                results[index] = result
+        rows = share_contexts([self._fit(c, x) for c, x in pairs], self.seq_length)
+        results: list[tuple[float, bool] | None] = [None] * len(pairs)
+        for batch in length_sorted_batches([len(row) for row in rows], self.batch_size):
+            for row, scores in zip(
+                [rows[i] for i in batch], self._score_batch([rows[i] for i in batch])
+            ):
+                for owner, result in zip(row.owners, scores):
+                    results[owner] = result
         return results  # type: ignore[return-value]
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):

@@ -6,7 +6,8 @@ import torch
 
 
 class KVCache:
-    """One slot per layer holding [b, kv_heads, length, head_dim] keys and values.
+    """One slot per layer number holding [b, kv_heads, length, head_dim] keys and values (a
+    pipeline stage fills only its own layers' slots).
 
     Buffers are allocated on first use with room for `max_length` positions (grown by doubling
     if exceeded). Attention calls `update(layer, k, v)` with the new positions' keys and values
@@ -14,11 +15,11 @@ class KVCache:
     after all layers have seen the n new positions.
     """
 
-    def __init__(self, num_layers: int, max_length: int = 0) -> None:
+    def __init__(self, max_length: int = 0) -> None:
         self.length = 0
         self.max_length = max_length
-        self._keys: list[torch.Tensor | None] = [None] * num_layers
-        self._values: list[torch.Tensor | None] = [None] * num_layers
+        self._keys: dict[int, torch.Tensor] = {}
+        self._values: dict[int, torch.Tensor] = {}
 
     def _room(self, buffer: torch.Tensor | None, like: torch.Tensor, needed: int) -> torch.Tensor:
         if buffer is not None and buffer.shape[2] >= needed:
@@ -34,8 +35,8 @@ class KVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new positions' k, v; return all positions' keys and values so far."""
         end = self.length + k.shape[2]
-        keys = self._keys[layer] = self._room(self._keys[layer], k, end)
-        values = self._values[layer] = self._room(self._values[layer], v, end)
+        keys = self._keys[layer] = self._room(self._keys.get(layer), k, end)
+        values = self._values[layer] = self._room(self._values.get(layer), v, end)
         keys[:, :, self.length : end] = k
         values[:, :, self.length : end] = v
         return keys[:, :, :end], values[:, :, :end]

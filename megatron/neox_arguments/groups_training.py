@@ -102,7 +102,9 @@ class NeoXArgsTraining:
     finetune: bool = arg(False, "Load weights only and restart at iteration 0.")
     train_iters: int | None = arg(None, "Number of training iterations (optimizer steps).")
     train_epochs: int | None = arg(None, "Number of epochs (instead of train_iters).")
-    eval_iters: int = arg(100, "Iterations per evaluation run.")
+    eval_iters: int = arg(
+        100, "Iterations per evaluation run; eval.py takes -1 for the whole valid/test split."
+    )
     keep_last_n_checkpoints: int | None = arg(None, "Delete all but the newest N checkpoints.")
     verify_checkpoint: bool = arg(
         True,

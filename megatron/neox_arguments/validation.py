@@ -129,6 +129,20 @@ def _in_range(
         problems.add(f"{key} must be in [{low}, {high}{bracket}, got {value}{args.where(key)}")
 
 
+def _check_eval_iters(args: Any, problems: Problems) -> None:
+    """Iterations per evaluation; -1 (the whole split) only where nothing trains."""
+    value, where = args.eval_iters, args.where("eval_iters")
+    if value is None or value >= 0:
+        return
+    if value != -1:
+        problems.add(f"eval_iters must be >= 0, or -1 for the whole split, got {value}{where}")
+    elif os.path.basename(args.user_script or "") != "eval.py":
+        problems.add(
+            f"eval_iters=-1{where} (the whole split) is for eval.py; training evaluates a "
+            "fixed number of iterations (eval_iters >= 0)"
+        )
+
+
 def _check_eval_tasks_interval(args: Any, problems: Problems) -> None:
     """Evaluation during training runs the live model's forward outside the engine: every
     parameter must be whole on its tensor-parallel rank."""
@@ -186,7 +200,8 @@ def check_values(args: Any, problems: Problems) -> None:
             "eval_tasks_interval",
         ),
     )
-    _positive(args, problems, ("eval_iters", "num_workers", "top_k", "eval_num_fewshot"), minimum=0)
+    _positive(args, problems, ("num_workers", "top_k", "eval_num_fewshot"), minimum=0)
+    _check_eval_iters(args, problems)
     h, heads, kv = args.hidden_size, args.num_attention_heads, args.num_kv_heads
     if h and heads and h > 0 and heads > 0 and h % heads:
         problems.add(
