@@ -117,6 +117,14 @@ class Trainer:
             from megatron.evaluation.tasks import load_tasks
 
             self.eval_tasks = load_tasks(list(args.eval_tasks), args.eval_include_path)
+            self.eval_model = self.engine.module
+            if args.pipe_parallel_size >= 2:  # the stage's layers, run forward-only in place
+                from megatron.inference.pipeline import PipelinedGPT
+                from megatron.model import ModelConfig
+
+                self.eval_model = PipelinedGPT.of_stage(
+                    self.engine.module, ModelConfig.from_neox(args)
+                )
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -206,7 +214,7 @@ class Trainer:
         """The harness's tasks on the live model, logged with the iteration."""
         from megatron.evaluation.harness import evaluate_tasks, log_results
 
-        results = evaluate_tasks(self.engine.module, self.tokenizer, self.eval_tasks, self.args)
+        results = evaluate_tasks(self.eval_model, self.tokenizer, self.eval_tasks, self.args)
         if results is not None:
             for record in log_results(self.metrics, results, self.state.iteration):
                 print_rank_0(

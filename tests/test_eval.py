@@ -298,14 +298,19 @@ def test_generation_tasks_need_a_tokenizer_that_decodes():
 
 @pytest.fixture(scope="module")
 def training_runs(tmp_path_factory, text_dataset) -> dict[str, dict]:
-    """Two 5-iteration trainings, without and with harness tasks every 3 iterations; each
-    scores 3 iterations of its test split at the end, and the plain one saves its weights.
-    {name: {"config", "save", "records"}}."""
+    """Three 5-iteration trainings: without harness tasks, with them every 3 iterations, and
+    with them on a 2-stage pipeline; each scores 3 iterations of its test split at the end, and
+    the plain and pipeline runs save their weights. {name: {"config", "save", "records"}}."""
     root = tmp_path_factory.mktemp("trained")
+    tasks = {"eval_tasks": ["arc_easy_local"], "eval_limit": 4, "eval_tasks_interval": 3}
     runs = {}
     for name, extra in (
         ("plain", {"save": str(root / "plain-ckpt")}),
-        ("tasks", {"eval_tasks": ["arc_easy_local"], "eval_limit": 4, "eval_tasks_interval": 3}),
+        ("tasks", tasks),
+        (
+            "pipeline",
+            {**tasks, "save": str(root / "pipe-ckpt"), "pipe_parallel_size": 2, "num_gpus": 2},
+        ),
     ):
         values = small_config(
             text_dataset,
@@ -333,13 +338,40 @@ def test_eval_tasks_during_training_leave_training_unchanged(training_runs):
     """Every eval_tasks_interval iterations and at the end, logged with the iteration; the
     losses equal a run without them (dropout on: the harness leaves the RNGs alone)."""
     train_losses = {
-        name: [(r["iteration"], r["lm_loss"]) for r in run["records"] if r["split"] == "train"]
-        for name, run in training_runs.items()
+        name: [
+            (r["iteration"], r["lm_loss"])
+            for r in training_runs[name]["records"]
+            if r["split"] == "train"
+        ]
+        for name in ("plain", "tasks")
     }
     assert train_losses["tasks"] == train_losses["plain"]
     records = training_runs["tasks"]["records"]
     evals = [(r["iteration"], r["metric"]) for r in records if r["split"] == "eval"]
     assert evals == [(3, "acc"), (3, "acc_norm"), (5, "acc"), (5, "acc_norm")]
+
+
+def test_eval_tasks_during_pipeline_training_equal_eval_py_on_its_checkpoint(
+    training_runs, tmp_path
+):
+    """The live stages, run forward-only in place, score what eval.py gives on the weights
+    the run saves after that evaluation."""
+    run = training_runs["pipeline"]
+    live = {
+        (r["iteration"], r["metric"]): r["value"] for r in run["records"] if r["split"] == "eval"
+    }
+    assert sorted(live) == [(3, "acc"), (3, "acc_norm"), (5, "acc"), (5, "acc_norm")]
+    prefix = tmp_path / "saved"
+    eval_run(
+        run["config"],
+        f"load={run['save']}",
+        "pipe_parallel_size=1",
+        "num_gpus=1",
+        f"eval_results_prefix={prefix}",
+    )
+    saved = read_results(prefix)["results"]["arc_easy_local"]
+    assert saved["acc,none"] == live[(5, "acc")]
+    assert saved["acc_norm,none"] == live[(5, "acc_norm")]
 
 
 def test_perplexity_without_tasks_equals_the_training_test_loss(training_runs, tmp_path):
@@ -430,3 +462,24 @@ def test_chat_template_of_a_hugging_face_tokenizer(smollm2_hf):
     assert lm.chat_template(True) == chat.source
     with pytest.raises(ConfigError, match="eval_apply_chat_template: chat templates come with"):
         load_chat_template(key, "bytes", None)
+
+
+@pytest.mark.parametrize(
+    "layout, refused",
+    [
+        ({"zero_optimization": {"stage": 3}}, True),
+        ({"model_parallel_size": 2, "num_gpus": 2, "sequence_parallel": True}, True),
+        ({"pipe_parallel_size": 2, "num_gpus": 2}, False),
+    ],
+)
+def test_eval_tasks_interval_layouts(tmp_path, layout, refused):
+    from megatron.config import NeoXArgs
+    from megatron.neox_arguments import ConfigError
+
+    values = small_config(None, eval_tasks=["arc_easy_local"], eval_tasks_interval=2, **layout)
+    config = write_config(tmp_path / "c.yml", values)
+    if refused:
+        with pytest.raises(ConfigError, match="not ZeRO stage 3 or sequence_parallel"):
+            NeoXArgs.from_ymls([config], [], user_script="train.py")
+    else:
+        assert NeoXArgs.from_ymls([config], [], user_script="train.py").eval_tasks_interval == 2

@@ -67,7 +67,7 @@ def _worker(rank: int, port: int, out_path: str) -> None:
             )
             torch.manual_seed(0)
             whole = GPTModel(config).eval()
-            stage = PipelinedGPT(config).eval()
+            stage = PipelinedGPT.build(config).eval()
             held = stage.state_dict().keys()
             stage.load_state_dict({k: v for k, v in whole.state_dict().items() if k in held})
             for dtype in (torch.float32, torch.bfloat16):

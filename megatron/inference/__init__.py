@@ -28,7 +28,7 @@ def load_model(args: Any) -> tuple[torch.nn.Module, Any, dict]:
     if args.pipe_parallel_size >= 2:
         from megatron.inference.pipeline import PipelinedGPT
 
-        model = PipelinedGPT(config)
+        model = PipelinedGPT.build(config)
     else:
         model = GPTModel(config)
     model = model.to(device()).eval()

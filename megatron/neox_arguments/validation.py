@@ -144,18 +144,19 @@ def _check_eval_iters(args: Any, problems: Problems) -> None:
 
 
 def _check_eval_tasks_interval(args: Any, problems: Problems) -> None:
-    """Evaluation during training runs the live model's forward outside the engine: every
-    parameter must be whole on its tensor-parallel rank."""
+    """Evaluation during training runs the live model's forward outside the engine."""
     if not args.eval_tasks_interval:
         return
     where = args.where("eval_tasks_interval")
     if not args.eval_tasks:
         problems.add(f"eval_tasks_interval{where} needs eval_tasks (the harness tasks to run)")
-    if args.pipe_parallel_size > 1 or args.zero_stage == 3:
+    # ZeRO-3 gathers weights in collectives the data-parallel ranks, scoring different
+    # documents, would not call together; sequence parallelism cuts requests of any length.
+    if args.zero_stage == 3 or (args.sequence_parallel and args.model_parallel_size > 1):
         problems.add(
-            f"eval_tasks_interval{where}: evaluation during training runs with tensor and data "
-            f"parallelism and ZeRO stages 0-2, not pipe_parallel_size={args.pipe_parallel_size} "
-            f"/ ZeRO stage {args.zero_stage}; score the saved checkpoints with eval.py instead"
+            f"eval_tasks_interval{where}: evaluation during training runs with tensor, "
+            "pipeline and data parallelism and ZeRO stages 0-2, not ZeRO stage 3 or "
+            "sequence_parallel; score the saved checkpoints with eval.py instead"
         )
 
 
