@@ -1,4 +1,4 @@
-"""Helpers for tests/test_model.py: a tiny model config and a tensor-parallel worker.
+"""Helpers for tests/test_model.py: a tiny model config and spawned gloo ranks.
 
 Kept apart from the test module so spawned workers import only torch and megatron.
 """
@@ -6,11 +6,14 @@ Kept apart from the test module so spawned workers import only torch and megatro
 from __future__ import annotations
 
 import os
+import socket
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 
 def make_args(**overrides: Any) -> SimpleNamespace:
@@ -128,13 +131,17 @@ def run_model(model: torch.nn.Module, args: SimpleNamespace) -> dict[str, Any]:
     return {"logits": full_logits, "loss": loss.detach(), "grads": grads}
 
 
-def tp_worker(
-    rank: int, world_size: int, port: int, out_path: str, configs: list[dict] | None = None
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _gloo_rank(
+    rank: int, world_size: int, tp: int, pp: int, port: int, out_path: str, fn, fn_args
 ) -> None:
-    """Entry point of one spawned rank: run `configs` (TP_CONFIGS) at TP=world_size, rank 0
-    saves the results."""
-    from megatron.engine.parallelize import parallelize
-    from megatron.model import GPTModel, ModelConfig
+    """One spawned rank: gloo and mpu's groups for (tp, pp), then `fn(rank, *fn_args)`;
+    every rank's result is gathered and rank 0 saves the list."""
     from megatron.mpu import destroy_model_parallel, initialize_model_parallel
 
     os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -142,15 +149,39 @@ def tp_worker(
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        initialize_model_parallel(tensor_parallel_size=world_size)
-        results = []
-        for overrides in TP_CONFIGS if configs is None else configs:
-            args = make_args(**overrides)
-            model = GPTModel(ModelConfig.from_neox(args), parallel_output=True)
-            results.append(run_model(parallelize(model, args.sequence_parallel), args))
+        initialize_model_parallel(tensor_parallel_size=tp, pipe_parallel_size=pp)
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, fn(rank, *fn_args))
         if rank == 0:
-            torch.save(results, out_path + ".tmp")
+            torch.save(gathered, out_path + ".tmp")
             os.replace(out_path + ".tmp", out_path)
     finally:
         destroy_model_parallel()
         dist.destroy_process_group()
+
+
+def run_on_ranks(
+    fn, world_size: int, out_path: Path, tp: int = 1, pp: int = 1, fn_args: tuple = ()
+) -> list:
+    """Every rank's `fn(rank, *fn_args)` (a module-level function: ranks are spawned) on a
+    gloo group of `world_size` processes with tensor size `tp` and pipeline size `pp`."""
+    mp.start_processes(
+        _gloo_rank,
+        args=(world_size, tp, pp, free_port(), str(out_path), fn, fn_args),
+        nprocs=world_size,
+        start_method="spawn",
+    )
+    return torch.load(out_path, weights_only=False)
+
+
+def run_tp_configs(rank: int, configs: list[dict]) -> list[dict]:
+    """`configs` at the tensor-parallel size of the group (run_on_ranks' fn)."""
+    from megatron.engine.parallelize import parallelize
+    from megatron.model import GPTModel, ModelConfig
+
+    results = []
+    for overrides in configs:
+        args = make_args(**overrides)
+        model = GPTModel(ModelConfig.from_neox(args), parallel_output=True)
+        results.append(run_model(parallelize(model, args.sequence_parallel), args))
+    return results

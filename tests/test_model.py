@@ -7,12 +7,10 @@ import dataclasses
 import math
 import pickle
 import random
-import socket
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from _model_fixtures import (
     SHARED_KV_CONFIGS,
@@ -20,7 +18,8 @@ from _model_fixtures import (
     fixed_tokens,
     make_args,
     run_model,
-    tp_worker,
+    run_on_ranks,
+    run_tp_configs,
 )
 
 from megatron.model import GPTModel, ModelConfig, count_parameters
@@ -409,19 +408,11 @@ def test_parallel_grid_matches_deepspeed_topology() -> None:
         parallel_grid(6, 4, 1)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.parametrize(("tp", "configs"), [(2, TP_CONFIGS), (4, SHARED_KV_CONFIGS)])
 def test_tensor_parallel_matches_single_process(tmp_path, tp, configs) -> None:
-    out = tmp_path / f"tp{tp}.pt"
-    mp.start_processes(
-        tp_worker, args=(tp, _free_port(), str(out), configs), nprocs=tp, start_method="spawn"
+    (results, *_) = run_on_ranks(
+        run_tp_configs, tp, tmp_path / f"tp{tp}.pt", tp=tp, fn_args=(configs,)
     )
-    results = torch.load(out, weights_only=True)
     for overrides, result in zip(configs, results, strict=True):
         args = make_args(**overrides)
         single = run_model(GPTModel(ModelConfig.from_neox(args)), args)

@@ -4,27 +4,17 @@ left-padded batches, KV-cache sampling and the harness adapter's scores."""
 
 from __future__ import annotations
 
-import os
-import socket
 from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from _model_fixtures import make_args
+from _model_fixtures import make_args, run_on_ranks
 
 from megatron.inference.pipeline import stage_layers
 from megatron.model import GPTModel, ModelConfig
 
 STAGES = 2
 SEQ = 16
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _outputs(model: torch.nn.Module) -> dict[str, object]:
@@ -50,48 +40,33 @@ def _outputs(model: torch.nn.Module) -> dict[str, object]:
     }
 
 
-def _worker(rank: int, port: int, out_path: str) -> None:
+def _stage_outputs(rank: int) -> dict:
     from megatron.inference.pipeline import PipelinedGPT
-    from megatron.mpu import destroy_model_parallel, initialize_model_parallel
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=STAGES)
-    try:
-        initialize_model_parallel(tensor_parallel_size=1, pipe_parallel_size=STAGES)
-        results = {}
-        for tied in (True, False):
-            config = ModelConfig.from_neox(
-                make_args(num_layers=3, seq_length=SEQ, no_weight_tying=not tied)
-            )
-            torch.manual_seed(0)
-            whole = GPTModel(config).eval()
-            stage = PipelinedGPT.build(config).eval()
-            held = stage.state_dict().keys()
-            stage.load_state_dict({k: v for k, v in whole.state_dict().items() if k in held})
-            for dtype in (torch.float32, torch.bfloat16):
-                key = f"{'tied' if tied else 'untied'}-{str(dtype).split('.')[-1]}"
-                results[key] = {
-                    "names": sorted(held),
-                    "stage": _outputs(stage.to(dtype)),
-                    "whole": _outputs(whole.to(dtype)),
-                }
-        gathered = [None] * STAGES
-        dist.all_gather_object(gathered, results)
-        if rank == 0:
-            torch.save(gathered, out_path + ".tmp")
-            os.replace(out_path + ".tmp", out_path)
-    finally:
-        destroy_model_parallel()
-        dist.destroy_process_group()
+    results = {}
+    for tied in (True, False):
+        config = ModelConfig.from_neox(
+            make_args(num_layers=3, seq_length=SEQ, no_weight_tying=not tied)
+        )
+        torch.manual_seed(0)
+        whole = GPTModel(config).eval()
+        stage = PipelinedGPT.build(config).eval()
+        held = stage.state_dict().keys()
+        stage.load_state_dict({k: v for k, v in whole.state_dict().items() if k in held})
+        for dtype in (torch.float32, torch.bfloat16):
+            key = f"{'tied' if tied else 'untied'}-{str(dtype).split('.')[-1]}"
+            results[key] = {
+                "names": sorted(held),
+                "stage": _outputs(stage.to(dtype)),
+                "whole": _outputs(whole.to(dtype)),
+            }
+    return results
 
 
 @pytest.fixture(scope="module")
 def stage_results(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("pp") / "results.pt"
-    mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=STAGES, start_method="spawn")
-    return torch.load(out, weights_only=False)
+    return run_on_ranks(_stage_outputs, STAGES, out, pp=STAGES)
 
 
 def test_stage_layers_split_the_blocks_contiguously():

@@ -4,16 +4,12 @@ TP=1, and the layout errors raised before any training step."""
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from _config_fixtures import small_config, write_config, write_dataset
-from _model_fixtures import fixed_tokens, make_args, run_model
+from _model_fixtures import fixed_tokens, make_args, run_model, run_on_ranks, run_tp_configs
 from conftest import run_tool
 
 from megatron.engine.parallelize import parallelize, shard_sequence
@@ -26,12 +22,6 @@ TP = 2
 SP_MODEL = dict(
     sequence_parallel=True, activation="swiglu", mlp_multiple_of=8, use_qk_layernorm=True
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _check_mappings(rank: int) -> dict[str, bool]:
@@ -93,34 +83,15 @@ def _check_rng_tracker(rank: int) -> dict[str, object]:
     }
 
 
-def _worker(rank: int, port: int, out_path: str) -> None:
-    from megatron.mpu import destroy_model_parallel, initialize_model_parallel
-
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=TP)
-    try:
-        initialize_model_parallel(tensor_parallel_size=TP)
-        results = {"mappings": _check_mappings(rank), "rng": _check_rng_tracker(rank)}
-        args = make_args(**SP_MODEL)
-        model = GPTModel(ModelConfig.from_neox(args), parallel_output=True)
-        results["model"] = run_model(parallelize(model, args.sequence_parallel), args)
-        gathered = [None] * TP
-        dist.all_gather_object(gathered, results)
-        if rank == 0:
-            torch.save(gathered, out_path + ".tmp")
-            os.replace(out_path + ".tmp", out_path)
-    finally:
-        destroy_model_parallel()
-        dist.destroy_process_group()
+def _tp_checks(rank: int) -> dict:
+    results = {"mappings": _check_mappings(rank), "rng": _check_rng_tracker(rank)}
+    (results["model"],) = run_tp_configs(rank, [SP_MODEL])
+    return results
 
 
 @pytest.fixture(scope="module")
 def tp_results(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("tp") / "results.pt"
-    mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=TP, start_method="spawn")
-    return torch.load(out, weights_only=False)
+    return run_on_ranks(_tp_checks, TP, tmp_path_factory.mktemp("tp") / "results.pt", tp=TP)
 
 
 def test_sequence_parallel_mappings(tp_results) -> None:
